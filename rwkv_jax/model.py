@@ -1,0 +1,127 @@
+"""RWKV-6 (x060) forward pass over token sequences, as pure functions of a param pytree.
+
+Precision: weights stay in the dtype they were loaded in; matrix products run in
+that dtype with fp32 accumulation; the residual stream, norms, decays and the WKV
+state are fp32. Layers run under `lax.scan` over the stacked block params, which
+keeps compile time flat in depth and is the natural remat (grad_cp) boundary.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import wkv6
+from rwkv_jax.config import RWKVConfig
+
+LN_EPS = 1e-5
+GN_EPS = 64e-5  # GroupNorm eps of x060: 1e-5 * head_size_divisor**2.
+
+
+class State(NamedTuple):
+  """The recurrent state of every layer.
+
+  wkv:       [L, B, H, V, K] fp32, value-major like every `.pth` state file.
+  att_shift: [L, B, C] the previous token's LN1 output (time-mix token shift).
+  ffn_shift: [L, B, C] the previous token's LN2 output (channel-mix token shift).
+  Without the B axis ([L, H, V, K] / [L, C]) one state is shared by every
+  sequence of the batch: the form state tuning trains.
+  """
+  wkv: jax.Array
+  att_shift: jax.Array
+  ffn_shift: jax.Array
+
+
+def zero_state(cfg: RWKVConfig, batch_size: int | None = None) -> State:
+  batch = () if batch_size is None else (batch_size,)
+  L, H, V, K = cfg.state_shape
+  return State(
+      wkv=jnp.zeros((L, *batch, H, V, K), jnp.float32),
+      att_shift=jnp.zeros((L, *batch, cfg.n_embd), jnp.float32),
+      ffn_shift=jnp.zeros((L, *batch, cfg.n_embd), jnp.float32))
+
+
+def layer_norm(x, p, eps=LN_EPS):
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * p['weight'].astype(jnp.float32) + p['bias'].astype(jnp.float32)
+
+
+def linear(x, w_OxI):
+  """x @ W.T in the weight's dtype, accumulated in fp32 (torch's [out, in] layout)."""
+  return jnp.einsum('...i,oi->...o', x.astype(w_OxI.dtype), w_OxI, preferred_element_type=jnp.float32)
+
+
+def dot(x, w_IxO):
+  """x @ W for the small LoRA-style matrices, which the checkpoint stores as [in, out]."""
+  return jnp.einsum('...i,io->...o', x.astype(w_IxO.dtype), w_IxO, preferred_element_type=jnp.float32)
+
+
+def f32(x):
+  return x.astype(jnp.float32)
+
+
+def token_shift(x_BxTxC, last_BxC):
+  """The previous token's value at every position; `last` stands before the first token."""
+  return jnp.concatenate([last_BxC[:, None].astype(x_BxTxC.dtype), x_BxTxC[:, :-1]], axis=1)
+
+
+def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
+  B, T, C = x_BxTxC.shape
+  H, N = cfg.n_head, cfg.head_size
+  xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
+  xxx = x_BxTxC + xx * f32(p['time_maa_x'])
+  m_BxTx5xD = jnp.tanh(dot(xxx, p['time_maa_w1'])).reshape(B, T, 5, -1)
+  m_5xBxTxC = jnp.einsum('btfd,fdc->fbtc', m_BxTx5xD.astype(p['time_maa_w2'].dtype), p['time_maa_w2'],
+                         preferred_element_type=jnp.float32)
+  xw, xk, xv, xr, xg = (x_BxTxC + xx * (f32(p[f'time_maa_{c}']) + m_5xBxTxC[i]) for i, c in enumerate('wkvrg'))
+
+  heads = lambda y: y.reshape(B, T, H, N)
+  r = heads(linear(xr, p['receptance']['weight']))
+  k = heads(linear(xk, p['key']['weight']))
+  v = heads(linear(xv, p['value']['weight']))
+  g = jax.nn.silu(linear(xg, p['gate']['weight']))
+  w = heads(f32(p['time_decay']) + dot(jnp.tanh(dot(xw, p['time_decay_w1'])), p['time_decay_w2']))
+  y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(p['time_faaaa']), wkv_state, implementation=implementation)
+
+  mean = y_BxTxHxN.mean(-1, keepdims=True)
+  var = jnp.square(y_BxTxHxN - mean).mean(-1, keepdims=True)
+  y = ((y_BxTxHxN - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(B, T, C)
+  y = y * f32(p['ln_x']['weight']) + f32(p['ln_x']['bias'])
+  return linear(y * g, p['output']['weight']), x_BxTxC[:, -1], wkv_state
+
+
+def channel_mix(p, x_BxTxC, shift_BxC):
+  xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
+  xk = x_BxTxC + xx * f32(p['time_maa_k'])
+  xr = x_BxTxC + xx * f32(p['time_maa_r'])
+  k = jnp.square(jax.nn.relu(linear(xk, p['key']['weight'])))
+  return jax.nn.sigmoid(linear(xr, p['receptance']['weight'])) * linear(k, p['value']['weight']), x_BxTxC[:, -1]
+
+
+def block(x_BxTxC, layer, cfg: RWKVConfig, implementation):
+  p, wkv_state, att_shift, ffn_shift = layer
+  B = x_BxTxC.shape[0]
+  att_out, att_shift, wkv_state = time_mix(
+      p['att'], layer_norm(x_BxTxC, p['ln1']), jnp.broadcast_to(att_shift, (B, cfg.n_embd)), wkv_state, cfg,
+      implementation)
+  x_BxTxC = x_BxTxC + att_out
+  ffn_out, ffn_shift = channel_mix(p['ffn'], layer_norm(x_BxTxC, p['ln2']), jnp.broadcast_to(ffn_shift, (B, cfg.n_embd)))
+  return x_BxTxC + ffn_out, (wkv_state, att_shift, ffn_shift)
+
+
+def hidden_states(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implementation=None, remat=False):
+  """Embedding -> all blocks -> ln_out. Returns (x [B, T, C] fp32, final State with a batch axis)."""
+  x_BxTxC = layer_norm(jnp.take(params['emb']['weight'], tokens_BxT, axis=0), params['ln0'])
+  body = functools.partial(block, cfg=cfg, implementation=implementation)
+  if remat:
+    body = jax.checkpoint(body)
+  x_BxTxC, (wkv, att_shift, ffn_shift) = jax.lax.scan(body, x_BxTxC, (params['blocks'], *state))
+  return layer_norm(x_BxTxC, params['ln_out']), State(wkv, att_shift, ffn_shift)
+
+
+def forward(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implementation=None, remat=False):
+  """Logits [B, T, V] fp32 for every position, and the state after the last token."""
+  x_BxTxC, state = hidden_states(params, cfg, tokens_BxT, state, implementation=implementation, remat=remat)
+  return linear(x_BxTxC, params['head']['weight']), state

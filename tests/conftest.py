@@ -1,0 +1,32 @@
+"""Shared fixtures: random checkpoints in the official layout, and the `rwkv` package as oracle."""
+import os
+
+# The oracle must take its pure-PyTorch path: no JIT, no CUDA kernels.
+os.environ.setdefault('RWKV_JIT_ON', '0')
+os.environ.setdefault('RWKV_CUDA_ON', '0')
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+from rwkv_jax import checkpoint, synthetic  # pylint: disable=g-import-not-at-top
+
+
+@pytest.fixture
+def write_checkpoint(tmp_path):
+  """Writes a random x060 checkpoint and returns its path."""
+  def write(cfg=synthetic.TINY, dtype=np.float32, seed=None, with_time_state=False, name='model.pth'):
+    seed = np.random.SeedSequence().entropy if seed is None else seed
+    tensors = synthetic.random_checkpoint(cfg, seed=seed, dtype=dtype, with_time_state=with_time_state)
+    path = tmp_path / name
+    checkpoint.write_pth(path, tensors)
+    return path
+  return write
+
+
+def rwkv_package_model(path):
+  """The official `rwkv` pip package on CPU in fp32 (the reference implementation)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from rwkv.model import RWKV  # pylint: disable=g-import-not-at-top
+  with contextlib.redirect_stdout(io.StringIO()):  # It prints a table of every tensor.
+    return RWKV(model=str(path), strategy='cpu fp32')
