@@ -79,8 +79,9 @@ def read_pth(path) -> dict[str, np.ndarray]:
     mmap = zipfile.is_zipfile(path)  # mmap needs the zip format; old pickles load without it.
     obj = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
   except pickle.UnpicklingError as e:
-    raise UserError(f'{path} holds Python objects, not just tensors; refusing to unpickle code '
-                    f'({str(e).splitlines()[0][:120]})') from e
+    if 'Unsupported global' in str(e):
+      raise UserError(f'{path} holds Python code or objects, not just tensors; refusing to unpickle it') from e
+    raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or another format)') from e
   except (RuntimeError, EOFError, OSError, ValueError) as e:
     raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or another format): '
                     f'{str(e).splitlines()[0][:160]}') from e

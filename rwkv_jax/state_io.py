@@ -2,6 +2,7 @@
 
 This is what RWKV-PEFT writes and RWKV Runner mounts (value-major, usually bf16).
 """
+import pathlib
 import re
 
 import ml_dtypes
@@ -36,9 +37,28 @@ def check_fits(state_LxHxVxK: np.ndarray, cfg: RWKVConfig, source: str) -> None:
                     f'(width {cfg.n_embd}): it was trained on another base model')
 
 
+TRAIN_TREE_DIR = 'tree'  # Inside a trainer checkpoint directory: the orbax tree holding 'state'.
+
+
+def read_train_checkpoint_state(directory) -> np.ndarray:
+  """The trained state [L, H, V, K] from a trainer checkpoint directory (`proj_dir/checkpoint`)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  tree_dir = pathlib.Path(directory).absolute() / TRAIN_TREE_DIR
+  if not tree_dir.is_dir():
+    raise UserError(f'{directory} is neither a state .pth nor a trainer checkpoint directory (no {TRAIN_TREE_DIR}/)')
+  with ocp.StandardCheckpointer() as checkpointer:
+    return np.asarray(checkpointer.restore(tree_dir)['state'], np.float32)
+
+
 def read_state(path, cfg: RWKVConfig | None = None) -> np.ndarray:
-  """A Runner-style `.pth` state -> [L, H, V, K] fp32, refused if it does not fit `cfg`."""
-  state = state_from_tensors(checkpoint.read_pth(path), str(path))
+  """A Runner-style `.pth` state, or a trainer checkpoint directory -> [L, H, V, K] fp32.
+
+  Refused in one line if it does not fit `cfg`.
+  """
+  if pathlib.Path(path).is_dir():
+    state = read_train_checkpoint_state(path)
+  else:
+    state = state_from_tensors(checkpoint.read_pth(path), str(path))
   if cfg is not None:
     check_fits(state, cfg, str(path))
   return state

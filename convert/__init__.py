@@ -1,0 +1,1 @@
+"""Conversion CLI: `python -m convert {to-flax,to-pth,...} ...`."""
