@@ -134,19 +134,41 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return flat
 
 
+def _tree_path(key: str) -> tuple[str, int | None]:
+  """'blocks.3.att.key.weight' -> ('blocks.att.key.weight', 3); block 0's ln0 and globals have no layer."""
+  if m := re.match(r'blocks\.(\d+)\.(.*)$', key):
+    layer, name = int(m.group(1)), m.group(2)
+    return (name, None) if name.startswith('ln0.') else (f'blocks.{name}', layer)
+  return key, None
+
+
+def _stacked_shape(key: str, cfg: RWKVConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return (cfg.n_layer, shape[-1]) if _SQUEEZED.search(key) else (cfg.n_layer, *shape)
+
+
 def params_from_tensors(tensors: dict[str, np.ndarray], cfg: RWKVConfig) -> dict:
   """Flat checkpoint dict -> nested pytree with per-layer tensors stacked on axis 0."""
   params = {}
-  block_keys = [k[len('blocks.0.'):] for k in tensors if k.startswith('blocks.0.') and '.ln0.' not in k]
-  for k in block_keys:
-    stacked = np.stack([tensors[f'blocks.{i}.{k}'] for i in range(cfg.n_layer)])
-    if _SQUEEZED.search(k):
-      stacked = stacked.reshape(cfg.n_layer, -1)
-    _set(params, f'blocks.{k}', stacked)
-  for k in ('emb.weight', 'ln_out.weight', 'ln_out.bias', 'head.weight'):
-    _set(params, k, tensors[k])
-  _set(params, 'ln0.weight', tensors['blocks.0.ln0.weight'])
-  _set(params, 'ln0.bias', tensors['blocks.0.ln0.bias'])
+  for key, value in tensors.items():
+    path, layer = _tree_path(key)
+    if layer is None:
+      _set(params, path, value)
+    elif layer == 0:
+      stacked = np.stack([tensors[key.replace('blocks.0.', f'blocks.{i}.', 1)] for i in range(cfg.n_layer)])
+      _set(params, path, stacked.reshape(_stacked_shape(key, cfg, value.shape)))
+  return params
+
+
+def abstract_params(cfg: RWKVConfig, dtype) -> dict:
+  """The param pytree as `jax.ShapeDtypeStruct`s: for compiling or initializing without a file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  params = {}
+  for key, shape in expected_shapes(cfg).items():
+    path, layer = _tree_path(key)
+    if layer is None:
+      _set(params, path, jax.ShapeDtypeStruct(shape, dtype))
+    elif layer == 0:
+      _set(params, path, jax.ShapeDtypeStruct(_stacked_shape(key, cfg, shape), dtype))
   return params
 
 
@@ -156,12 +178,8 @@ def tensors_from_params(params: dict, cfg: RWKVConfig) -> dict[str, np.ndarray]:
   has_state = 'blocks.att.time_state' in flat
   tensors = {}
   for key, shape in expected_shapes(cfg, with_time_state=has_state).items():
-    if m := re.match(r'blocks\.(\d+)\.(.*)$', key):
-      layer, name = int(m.group(1)), m.group(2)
-      value = flat[name] if name.startswith('ln0.') else flat[f'blocks.{name}'][layer]
-    else:
-      value = flat[key]
-    tensors[key] = value.reshape(shape)
+    path, layer = _tree_path(key)
+    tensors[key] = (flat[path] if layer is None else flat[path][layer]).reshape(shape)
   return tensors
 
 

@@ -21,10 +21,11 @@ def run_cli(*args, cwd=None):
 def assert_one_line_error(result, *fragments):
   assert result.returncode == 2, result.stderr
   assert 'Traceback' not in result.stderr, result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+  # Progress bars may precede it on stderr; the error is the single last line.
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
   for fragment in fragments:
-    assert fragment in lines[0], lines[0]
+    assert fragment in errors[0], errors[0]
 
 
 @pytest.mark.parametrize('dtype', [ml_dtypes.bfloat16, np.float16, np.float32], ids=['bf16', 'fp16', 'fp32'])

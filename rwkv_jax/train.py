@@ -1,0 +1,126 @@
+"""The state-tuning step: loss, learning-rate schedules, optimizer, one jitted update.
+
+The trainable tree is the model's initial State (WKV matrices and token-shift
+vectors, shared by every sequence); the weights are a plain argument that is
+never differentiated, so weight gradients are never formed. An optax partition
+trains the WKV matrices (clip at global norm 1.0, then Adam on the schedule) and
+holds the token shifts at zero, as RWKV-PEFT and every state consumer do.
+"""
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rwkv_jax import model
+from rwkv_jax.config import RWKVConfig
+from rwkv_jax.model import State
+
+IGNORE = -100  # Target id that takes no loss.
+L2WRAP = 1e-4  # RWKV's L2Wrap factor: pushes the largest logit of every position towards 0.
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  init_state: State  # fp32 master copy, no batch axis
+  opt_state: optax.OptState
+
+
+@functools.lru_cache(maxsize=None)
+def schedule(kind: str, lr_init: float, lr_final: float, warmup_steps: int, total_steps: int):
+  """lr(step): linear warmup, then lr_init -> lr_final over the rest of `total_steps`.
+
+  cos: cosine; exp: geometric interpolation (RWKV-LM's); wsd: RWKV-PEFT's
+  warmup-stable-decay, a cosine down to 0 that ignores lr_final.
+  """
+  if kind not in ('cos', 'exp', 'wsd'):
+    raise ValueError(f'unknown lr schedule {kind!r}')
+  if kind == 'wsd' and warmup_steps <= 0:
+    warmup_steps = 100  # RWKV-PEFT's substitute when wsd is given no warmup.
+  final = 0.0 if kind == 'wsd' else lr_final
+
+  def lr(step):
+    step = jnp.asarray(step, jnp.float32)
+    progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    if kind == 'exp' and lr_init > 0 and final > 0:
+      decayed = lr_init * jnp.exp(math.log(final / lr_init) * progress)
+    else:
+      decayed = final + 0.5 * (lr_init - final) * (1.0 + jnp.cos(jnp.pi * progress))
+    warm = lr_init * (step + 1) / max(warmup_steps, 1)
+    return jnp.where(step < warmup_steps, warm, decayed)
+  return lr
+
+
+def optimizer(lr_schedule, beta1=0.9, beta2=0.99, adam_eps=1e-8) -> optax.GradientTransformation:
+  trained = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr_schedule, beta1, beta2, adam_eps))
+  labels = State(wkv='trained', att_shift='frozen', ffn_shift='frozen')
+  return optax.multi_transform({'trained': trained, 'frozen': optax.set_to_zero()}, labels)
+
+
+def init_train_state(cfg: RWKVConfig, opt: optax.GradientTransformation, wkv_LxHxVxK=None) -> TrainState:
+  init_state = model.zero_state(cfg)
+  if wkv_LxHxVxK is not None:  # e.g. a merged checkpoint's time_state: continue from it.
+    init_state = init_state._replace(wkv=jnp.asarray(wkv_LxHxVxK, jnp.float32))
+  return TrainState(jnp.zeros((), jnp.int32), init_state, opt.init(init_state))
+
+
+def cross_entropy(params, x_BxTxC, targets_BxT, chunk=256):
+  """(sum of CE over unmasked targets, count, L2Wrap term), never holding [B, T, V] in fp32.
+
+  The head runs over `chunk` positions at a time under remat, so the backward
+  pass recomputes each chunk's logits instead of keeping them all.
+  """
+  B, T, C = x_BxTxC.shape
+  n = B * T
+  pad = -n % chunk
+  x_NxC = jnp.pad(x_BxTxC.reshape(n, C), ((0, pad), (0, 0)))
+  targets_N = jnp.pad(targets_BxT.reshape(n), (0, pad), constant_values=IGNORE)
+
+  @jax.checkpoint
+  def chunk_losses(x_KxC, targets_K):
+    logits_KxV = model.linear(x_KxC, params['head']['weight'])
+    valid_K = targets_K != IGNORE
+    target_logit_K = jnp.take_along_axis(logits_KxV, jnp.where(valid_K, targets_K, 0)[:, None], axis=-1)[:, 0]
+    ce_K = jax.nn.logsumexp(logits_KxV, axis=-1) - target_logit_K
+    max_logit_K = jnp.max(logits_KxV, axis=-1)
+    return jnp.sum(jnp.where(valid_K, ce_K, 0.0)), jnp.sum(valid_K), jnp.sum(0.5 * jnp.square(max_logit_K))
+
+  sums = jax.lax.map(lambda xs: chunk_losses(*xs), (x_NxC.reshape(-1, chunk, C), targets_N.reshape(-1, chunk)))
+  ce_sum, count, l2_sum = (s.sum() for s in sums)
+  return ce_sum, count, L2WRAP * l2_sum / n
+
+
+def loss_fn(init_state: State, params, cfg: RWKVConfig, inputs_BxT, targets_BxT, implementation=None,
+            remat=True):
+  """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not."""
+  x_BxTxC, _ = model.hidden_states(params, cfg, inputs_BxT, init_state, implementation=implementation, remat=remat)
+  ce_sum, count, l2wrap = cross_entropy(params, x_BxTxC, targets_BxT)
+  ce = ce_sum / jnp.maximum(count, 1)
+  return ce + l2wrap - jax.lax.stop_gradient(l2wrap), count
+
+
+def make_train_step(cfg: RWKVConfig, opt: optax.GradientTransformation, implementation=None, remat=True):
+  """step(train_state, params, inputs [A, B, T], targets [A, B, T]) -> (train_state, loss).
+
+  A > 1 accumulates gradients over A micro-batches (mean). A non-finite loss
+  leaves the train state unchanged, so the caller still holds the last good one.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(train_state: TrainState, params, inputs_AxBxT, targets_AxBxT):
+    def micro_batch(grads_sum, batch):
+      (loss, _), grads = grad_fn(train_state.init_state, params, cfg, *batch, implementation, remat)
+      return jax.tree.map(jnp.add, grads_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, train_state.init_state)
+    grads_sum, losses = jax.lax.scan(micro_batch, zeros, (inputs_AxBxT, targets_AxBxT))
+    grads = jax.tree.map(lambda g: g / inputs_AxBxT.shape[0], grads_sum)
+    updates, opt_state = opt.update(grads, train_state.opt_state, train_state.init_state)
+    updated = TrainState(train_state.step + 1, optax.apply_updates(train_state.init_state, updates), opt_state)
+    loss = losses.mean()
+    finite = jnp.isfinite(loss)
+    return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, train_state), loss
+
+  return jax.jit(step, donate_argnums=0)

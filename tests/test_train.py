@@ -1,0 +1,171 @@
+"""The trainer: the loss falls, only the state changes, the schedule follows its formulas,
+a resumed run equals an uninterrupted one, and bad input ends in one clear line."""
+import hashlib
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from rwkv_jax import checkpoint, data, synthetic, train
+from tests.test_checkpoint import assert_one_line_error
+
+TRAIN = [sys.executable, 'train_state.py']
+
+
+def run_train(*args):
+  return subprocess.run([*TRAIN, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def jsonl_data(tmp_path):
+  """A learnable dataset: every document follows one template."""
+  rng = np.random.default_rng(0)
+  lines = [json.dumps({'text': f'User: what is {a} plus {b}?\n\nAssistant: {a} plus {b} is {a + b}.'})
+           for a, b in rng.integers(0, 50, (64, 2))]
+  path = tmp_path / 'train.jsonl'
+  path.write_text('\n'.join(lines) + '\n')
+  return path
+
+
+def test_loss_falls_and_only_the_state_changes():
+  cfg = synthetic.TINY
+  params = jax.tree.map(jnp.asarray, checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=3), cfg))
+  before = jax.tree.map(np.array, params)
+  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 5, 40))
+  state = train.init_train_state(cfg, opt)
+  step = train.make_train_step(cfg, opt)
+  sequence = np.random.default_rng().integers(0, cfg.vocab_size, 33)
+  inputs = np.broadcast_to(sequence[:-1], (1, 2, 32)).astype(np.int32)
+  targets = np.broadcast_to(sequence[1:], (1, 2, 32)).astype(np.int32)
+  losses = []
+  for _ in range(25):
+    state, loss = step(state, params, inputs, targets)
+    losses.append(float(loss))
+  assert losses[-1] < 0.6 * losses[0], losses
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))
+  assert np.abs(np.asarray(state.init_state.wkv)).max() > 0.1
+  np.testing.assert_array_equal(state.init_state.att_shift, 0)  # token shifts are not tuned
+  np.testing.assert_array_equal(state.init_state.ffn_shift, 0)
+
+
+def test_gradient_accumulation_equals_the_mean_of_micro_batches():
+  cfg = synthetic.TINY
+  params = jax.tree.map(jnp.asarray, checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=4), cfg))
+  tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 1, 17)).astype(np.int32)
+  state = train.model.zero_state(cfg)._replace(wkv=jnp.asarray(np.random.default_rng().normal(0, 0.3, cfg.state_shape),
+                                                                     jnp.float32))
+  grad = lambda i, t: jax.grad(lambda s: train.loss_fn(s, params, cfg, i, t)[0])(state).wkv
+  per_batch = [grad(tokens[a, :, :-1], tokens[a, :, 1:]) for a in range(2)]
+  # Capture the accumulated gradient through an SGD step with lr 1 and no clipping.
+  opt = train.optax.multi_transform({'trained': train.optax.sgd(1.0), 'frozen': train.optax.set_to_zero()},
+                                    train.State('trained', 'frozen', 'frozen'))
+  ts = train.TrainState(jnp.zeros((), jnp.int32), state, opt.init(state))
+  before = np.array(state.wkv)  # the step donates (deletes) its input state
+  new, _ = train.make_train_step(cfg, opt)(ts, params, tokens[:, :, :-1], tokens[:, :, 1:])
+  np.testing.assert_allclose(before - new.init_state.wkv, (per_batch[0] + per_batch[1]) / 2, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize('kind', ['cos', 'exp', 'wsd'])
+def test_schedule_follows_its_formula(kind):
+  lr_init, lr_final, warmup, total = 1.0, 0.01, 10, 110
+  lr = train.schedule(kind, lr_init, lr_final, warmup, total)
+  for step in (0, 4, 9):
+    assert math.isclose(float(lr(step)), lr_init * (step + 1) / warmup, rel_tol=1e-6)
+  for step in (10, 35, 60, 109, 200):
+    p = min((step - warmup) / (total - warmup), 1.0)
+    expected = {
+        'cos': lr_final + 0.5 * (lr_init - lr_final) * (1 + math.cos(math.pi * p)),
+        'exp': lr_init * (lr_final / lr_init) ** p,
+        'wsd': 0.5 * lr_init * (1 + math.cos(math.pi * p)),
+    }[kind]
+    assert math.isclose(float(lr(step)), expected, rel_tol=1e-5, abs_tol=1e-7), (step, float(lr(step)), expected)
+
+
+def test_binidx_written_and_read_for_both_dtypes(tmp_path):
+  for dtype in (np.uint16, np.int32):
+    docs = [np.random.default_rng().integers(0, 65535, n).astype(dtype) for n in (5, 1, 300)]
+    data.write_binidx(str(tmp_path / f'd_{np.dtype(dtype).name}'), docs, dtype)
+    loaded = data.load_data(str(tmp_path / f'd_{np.dtype(dtype).name}'), 'binidx')
+    assert loaded.tokens.dtype == dtype
+    for doc, start, length in zip(docs, loaded.doc_starts, loaded.doc_lens):
+      np.testing.assert_array_equal(loaded.tokens[start:start + length], doc)
+
+
+def _sha(path):
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_resumed_run_equals_uninterrupted_run(write_checkpoint, jsonl_data, tmp_path):
+  model = write_checkpoint(seed=5)
+  common = ['--ckpt', model, '--data', jsonl_data, '--ctx_len', 32, '--micro_bsz', 2, '--epoch_steps', 4,
+            '--epoch_count', 2, '--random_seed', 7, '--accumulate_grad_batches', 2, '--precision', 'fp32']
+  model_hash = _sha(model)
+  whole = run_train(*common, '--proj_dir', tmp_path / 'whole')
+  assert whole.returncode == 0, whole.stderr
+  first = run_train(*common, '--proj_dir', tmp_path / 'split', '--max_steps', 3)
+  assert first.returncode == 0 and 'continue with --resume' in first.stdout, first.stderr
+  second = run_train(*common, '--proj_dir', tmp_path / 'split', '--resume')
+  assert second.returncode == 0, second.stderr
+
+  for name in ('rwkv-0.pth', 'rwkv-1.pth'):
+    a, b = (torch.load(tmp_path / run / name, weights_only=True) for run in ('whole', 'split'))
+    assert list(a) == [f'blocks.{i}.att.time_state' for i in range(2)]
+    assert all(t.dtype == torch.bfloat16 and t.shape == (2, 64, 64) for t in a.values())
+    for key in a:
+      assert torch.equal(a[key], b[key]), (name, key)
+  steps = [json.loads(l) for l in (tmp_path / 'split' / 'loss_data.jsonl').read_text().splitlines()]
+  assert [s['step'] for s in steps] == [1, 2, 3, 4]
+  assert {'loss', 'lr', 'tokens_per_s'} <= set(steps[0])
+  assert (tmp_path / 'whole' / 'loss.png').read_bytes()[:4] == b'\x89PNG'
+  assert _sha(model) == model_hash  # the base model is never written
+
+
+def test_rwkv_peft_command_line_runs_unchanged(write_checkpoint, jsonl_data, tmp_path):
+  model = write_checkpoint()
+  prefix = tmp_path / 'demo_text_document'
+  tokens = data.load_data(str(jsonl_data), 'jsonl')
+  docs = [tokens.tokens[s:s + n] for s, n in zip(tokens.doc_starts, tokens.doc_lens)]
+  data.write_binidx(str(prefix), docs, np.int32)
+  result = run_train(
+      '--load_model', model, '--proj_dir', tmp_path / 'out', '--data_file', prefix, '--data_type', 'binidx',
+      '--vocab_size', 65536, '--ctx_len', 32, '--epoch_steps', 8, '--epoch_count', 1, '--epoch_begin', 0,
+      '--epoch_save', 1, '--micro_bsz', 2, '--n_layer', 2, '--n_embd', 128, '--pre_ffn', 0, '--head_qk', 0,
+      '--lr_init', 1, '--lr_final', 1e-2, '--warmup_steps', 10, '--beta1', 0.9, '--beta2', 0.99, '--adam_eps', 1e-8,
+      '--accelerator', 'gpu', '--devices', 1, '--precision', 'bf16', '--strategy', 'deepspeed_stage_1',
+      '--grad_cp', 1, '--my_testing', 'x060', '--train_type', 'state', '--dataload', 'pad', '--fla')
+  assert result.returncode == 0, result.stderr
+  assert 'do nothing here' in result.stdout
+  assert (tmp_path / 'out' / 'rwkv-0.pth').exists() and (tmp_path / 'out' / 'train_log.txt').exists()
+
+
+def test_bad_input_ends_in_one_line(write_checkpoint, jsonl_data, tmp_path):
+  model = write_checkpoint()
+  base = ['--ckpt', model, '--data', jsonl_data, '--ctx_len', 16, '--proj_dir', tmp_path / 'o']
+  cases = [
+      (['--ckpt', tmp_path / 'nope.pth', '--data', jsonl_data], 'no such file'),
+      (['--ckpt', model, '--data', tmp_path / 'nope.jsonl'], 'nope.jsonl'),
+      ([*base, '--n_layer', 24], '--n_layer 24 does not match the checkpoint (2)'),
+      ([*base, '--my_testing', 'x070'], 'x070'),
+      ([*base, '--train_type', 'lora'], 'tunes states only'),
+      ([*base, '--micro_bsz', 8, '--epoch_steps', 100], 'document'),
+      ([*base, '--resume'], 'no checkpoint/'),
+  ]
+  for args, message in cases:
+    assert_one_line_error(run_train(*args), message)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(write_checkpoint, jsonl_data, tmp_path):
+  # GroupNorm rescales each head's output, so a huge state alone does not break the loss; steps
+  # near fp32's limit (3.4e38) do, as a diverging run would.
+  result = run_train('--ckpt', write_checkpoint(), '--data', jsonl_data, '--ctx_len', 16, '--micro_bsz', 2,
+                     '--lr_init', 3e38, '--warmup_steps', 0, '--proj_dir', tmp_path / 'o', '--epoch_count', 1,
+                     '--epoch_steps', 6)
+  assert_one_line_error(result, 'loss became')
+  saved = torch.load(tmp_path / 'o' / 'rwkv-last-good.pth', weights_only=True)
+  assert all(torch.isfinite(t.float()).all() for t in saved.values())
