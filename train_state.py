@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import IMPLEMENTATIONS
-from rwkv_jax import checkpoint, cli, data, state_io, synthetic, train
+from rwkv_jax import api, checkpoint, cli, data, evaluate, state_io, synthetic, train
 from rwkv_jax.errors import UserError
 
 IGNORED_FLAGS = ('strategy', 'accelerator', 'pre_ffn', 'head_qk', 'fla', 'op')
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
   add('--n_layer', type=int, help='checked against the checkpoint')
   add('--n_embd', type=int, help='checked against the checkpoint')
   add('--head_size_a', type=int, help='checked against the checkpoint')
+  add('--eval_data', help='held-out data: its loss is measured and logged after every epoch')
+  add('--eval_batches', type=int, default=20, help='batches of --eval_data to evaluate (default 20)')
   add('--implementation', choices=IMPLEMENTATIONS, help='WKV kernel (default: the fastest for this platform)')
   add('--resume', action='store_true', help='continue the run saved in proj_dir/checkpoint')
   add('--max_steps', type=int, help='stop (resumably) after this many optimizer steps in this session')
@@ -205,6 +207,14 @@ def main(argv):
       raise UserError(f'--resume: the saved run has {meta["total_steps"]} steps in all, these flags give '
                       f'{total_steps}; resume with the same --epoch_steps/--epoch_count/--micro_bsz')
   train_state = jax.device_put(train_state, replicated)
+  if args.eval_data:
+    eval_sampler = evaluate.eval_sampler(data.load_data(args.eval_data, None, cfg.vocab_size), args.ctx_len,
+                                         args.micro_bsz * devices, args.dataload, args.eval_batches, args.loss_mask)
+    eval_model = api.Model(params, cfg, args.implementation)
+
+  def eval_loss(state):
+    return evaluate.mean_loss(eval_model, evaluate.eval_batches(eval_sampler), state.init_state.wkv)[0]
+
   step_fn = train.make_train_step(cfg, opt, args.implementation, remat=bool(args.grad_cp))
 
   print(f'{cfg.describe()} | {tokens.num_tokens:,} tokens in {tokens.num_docs:,} documents | '
@@ -256,9 +266,15 @@ def main(argv):
       if step >= stop_at and step < (epoch + 1) * steps_per_epoch:
         break
       mean = float(np.mean(epoch_losses)) if epoch_losses else float('nan')
+      line = (f'{args.epoch_begin + epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {rate:.8f} '
+              f'{datetime.datetime.now()} {epoch}')
+      if args.eval_data:
+        held_out = eval_loss(train_state)
+        line += f' eval_loss {held_out:.6f}'
+        print(f'epoch {args.epoch_begin + epoch}: train loss {mean:.4f}, held-out loss {held_out:.4f} '
+              f'(perplexity {math.exp(min(held_out, 700)):.2f})')
       with open(proj / 'train_log.txt', 'a') as log:
-        log.write(f'{args.epoch_begin + epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {rate:.8f} '
-                  f'{datetime.datetime.now()} {epoch}\n')
+        log.write(line + '\n')
       if epoch % args.epoch_save == 0 or epoch == args.epoch_count - 1:
         save_state(f'rwkv-{args.epoch_begin + epoch}.pth', train_state)
       save_train_checkpoint(proj, train_state, meta(step))

@@ -82,7 +82,7 @@ def read_pth(path) -> dict[str, np.ndarray]:
     if 'Unsupported global' in str(e):
       raise UserError(f'{path} holds Python code or objects, not just tensors; refusing to unpickle it') from e
     raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or another format)') from e
-  except (RuntimeError, EOFError, OSError, ValueError) as e:
+  except Exception as e:  # On garbage torch raises RuntimeError, EOFError, IndexError... alike.
     raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or another format): '
                     f'{str(e).splitlines()[0][:160]}') from e
   if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import wkv6
+from rwkv_jax import quant
 from rwkv_jax.config import RWKVConfig
 
 LN_EPS = 1e-5
@@ -49,8 +50,16 @@ def layer_norm(x, p, eps=LN_EPS):
 
 
 def linear(x, w_OxI):
-  """x @ W.T in the weight's dtype, accumulated in fp32 (torch's [out, in] layout)."""
-  return jnp.einsum('...i,oi->...o', x.astype(w_OxI.dtype), w_OxI, preferred_element_type=jnp.float32)
+  """x @ W.T in the weight's dtype, accumulated in fp32 (torch's [out, in] layout).
+
+  W may be a quantized weight (rwkv_jax.quant): it is expanded to its original
+  dtype here, under remat, so a backward pass expands it again rather than keep
+  every layer's dense copy alive (what plain autodiff would save without grad_cp).
+  """
+  def matmul(x, w_OxI):
+    w_OxI = quant.dense(w_OxI)
+    return jnp.einsum('...i,oi->...o', x.astype(w_OxI.dtype), w_OxI, preferred_element_type=jnp.float32)
+  return jax.checkpoint(matmul)(x, w_OxI) if quant.is_quantized(w_OxI) else matmul(x, w_OxI)
 
 
 def dot(x, w_IxO):

@@ -1,7 +1,11 @@
 """State files: exactly n_layer tensors `blocks.{i}.att.time_state` of shape [H, V, K].
 
-This is what RWKV-PEFT writes and RWKV Runner mounts (value-major, usually bf16).
+This is what RWKV-PEFT writes and RWKV Runner mounts (value-major, usually bf16). Ai00 and
+web-rwkv take the same keys as float16 safetensors with the last two axes transposed ([H, K, V]);
+`read_state` tells the two apart by content (safetensors or a torch pickle), not by extension.
 """
+import dataclasses
+import os
 import pathlib
 import re
 
@@ -51,14 +55,11 @@ def read_train_checkpoint_state(directory) -> np.ndarray:
 
 
 def read_state(path, cfg: RWKVConfig | None = None) -> np.ndarray:
-  """A Runner-style `.pth` state, or a trainer checkpoint directory -> [L, H, V, K] fp32.
+  """A Runner `.pth` state, an Ai00 safetensors state or a trainer checkpoint dir -> [L, H, V, K] fp32.
 
   Refused in one line if it does not fit `cfg`.
   """
-  if pathlib.Path(path).is_dir():
-    state = read_train_checkpoint_state(path)
-  else:
-    state = state_from_tensors(checkpoint.read_pth(path), str(path))
+  state = open_state(path).state_LxHxVxK
   if cfg is not None:
     check_fits(state, cfg, str(path))
   return state
@@ -72,3 +73,81 @@ def state_tensors(state_LxHxVxK, dtype=ml_dtypes.bfloat16) -> dict[str, np.ndarr
 def write_state(path, state_LxHxVxK, dtype=ml_dtypes.bfloat16) -> None:
   """The Runner / RWKV-PEFT format: n_layer keys, [H, V, K], bf16 by default."""
   checkpoint.write_pth(path, state_tensors(state_LxHxVxK, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ai00 / web-rwkv: safetensors, float16, the last two axes transposed ([H, K, V]).
+
+AI00_METADATA = {'format': 'pt'}  # what the official converter writes; web-rwkv ignores it
+_SAFETENSORS_HEADER_MAX = 100 << 20  # a state header is tiny; a bigger length is not safetensors
+
+
+def is_safetensors(path) -> bool:
+  """True if `path` starts like a safetensors file (u64 header length, then a JSON object)."""
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  return (len(head) == 9 and 0 < int.from_bytes(head[:8], 'little') < _SAFETENSORS_HEADER_MAX
+          and head[8:9] == b'{')
+
+
+def ai00_tensors(state_LxHxVxK) -> dict[str, np.ndarray]:
+  # Contiguous: safetensors 0.8's numpy save_file writes a transposed view's memory as it lies.
+  state_LxHxKxV = np.ascontiguousarray(np.swapaxes(np.asarray(state_LxHxVxK, np.float32), -1, -2))
+  return state_tensors(state_LxHxKxV, np.float16)
+
+
+def write_ai00_state(path, state_LxHxVxK) -> None:
+  """The `.state`/`.st` file Ai00 mounts: per layer float16 [H, K, V]; temp name, then rename.
+
+  Written with safetensors' public save_file: the low-level serialize_file that the
+  official convert_safetensors.py calls breaks with safetensors 0.8.
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  safetensors.numpy.save_file(ai00_tensors(state_LxHxVxK), str(tmp), metadata=AI00_METADATA)
+  os.replace(tmp, path)
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return safetensors.numpy.load_file(str(path))
+  except Exception as e:  # SafetensorError, or a dtype numpy cannot hold
+    raise UserError(f'{path} is not a readable safetensors file: {str(e).splitlines()[0][:160]}') from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Any state file, with what it was stored as.
+
+FORMAT_NOTES = {
+    'runner': '.pth, [H, V, K] value-major (RWKV-PEFT / Runner / the rwkv package)',
+    'ai00': 'safetensors, [H, K, V] key-major (Ai00 / web-rwkv)',
+    'trainer': 'rwkv-jax trainer checkpoint, fp32 master copy, [L, H, V, K]',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateFile:
+  """A state as read from disk: the values in the canonical layout, and how they were stored."""
+  state_LxHxVxK: np.ndarray  # fp32
+  format: str  # a key of FORMAT_NOTES
+  dtype: str  # as stored, e.g. 'bfloat16'
+
+
+def open_state(path) -> StateFile:
+  """A Runner `.pth`, an Ai00 safetensors file or a trainer checkpoint directory, unchecked."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    return StateFile(read_train_checkpoint_state(path), 'trainer', 'float32')
+  if not path.is_file():
+    raise UserError(f'{path}: no such file or directory')
+  if is_safetensors(path):
+    tensors, layout = read_safetensors(path), 'ai00'
+  else:
+    tensors, layout = checkpoint.read_pth(path), 'runner'
+  state = state_from_tensors(tensors, str(path))
+  if layout == 'ai00':
+    state = np.swapaxes(state, -1, -2)
+  return StateFile(state, layout, str(next(iter(tensors.values())).dtype))

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from rwkv_jax import model
+from rwkv_jax.data import IGNORE_INDEX as IGNORE
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import State
 
-IGNORE = -100  # Target id that takes no loss.
 L2WRAP = 1e-4  # RWKV's L2Wrap factor: pushes the largest logit of every position towards 0.
 
 

@@ -106,8 +106,11 @@ def test_resumed_run_equals_uninterrupted_run(write_checkpoint, jsonl_data, tmp_
   common = ['--ckpt', model, '--data', jsonl_data, '--ctx_len', 32, '--micro_bsz', 2, '--epoch_steps', 4,
             '--epoch_count', 2, '--random_seed', 7, '--accumulate_grad_batches', 2, '--precision', 'fp32']
   model_hash = _sha(model)
-  whole = run_train(*common, '--proj_dir', tmp_path / 'whole')
+  whole = run_train(*common, '--proj_dir', tmp_path / 'whole', '--eval_data', jsonl_data)
   assert whole.returncode == 0, whole.stderr
+  epoch_lines = (tmp_path / 'whole' / 'train_log.txt').read_text().splitlines()[-2:]
+  held_out = [float(line.split('eval_loss ')[1]) for line in epoch_lines]
+  assert all(math.isfinite(x) for x in held_out), epoch_lines
   first = run_train(*common, '--proj_dir', tmp_path / 'split', '--max_steps', 3)
   assert first.returncode == 0 and 'continue with --resume' in first.stdout, first.stderr
   second = run_train(*common, '--proj_dir', tmp_path / 'split', '--resume')

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# State-tuning step benchmark on the GPU machine: rwkv-jax vs the PyTorch/fla peer.
+#   OUT=/some/dir bash bench/gpu_train_step.sh [extra train_step.py flags, e.g. --quick]
+# About 8 minutes on one H100 (train_step.py stops starting configurations after
+# --budget_s 450; 7B int8/nf4 come last and are the first to be skipped).
+# Results: train_step_<card>_<date>.{json,md} in "$OUT" and bench/results; log in "$OUT".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/train_step_out}"
+mkdir -p "$OUT" bench/results
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # peak_bytes_in_use must be the step's own, not a pool
+export TF_CPP_MIN_LOG_LEVEL=2
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
+timeout 580 python3 bench/train_step.py --out "$OUT" bench/results "$@" 2>&1 | tee "$OUT/train_step.log"

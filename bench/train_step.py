@@ -1,0 +1,374 @@
+"""One full state-tuning step, rwkv-jax vs an RWKV-PEFT-style PyTorch peer, on one GPU.
+
+rwkv-jax: train.make_train_step (forward, chunked CE + L2Wrap, gradient w.r.t.
+the states only, clip + Adam) on RWKV-6 1.6B / 3B / 7B shapes, bf16 random
+weights drawn on the device with jax.random in the param-tree layout, optionally
+int8 / nf4 (rwkv_jax.quant). The peer is bench/peer_step.py (fla chunk_rwkv6).
+Every configuration runs in its own process: peak memory is process-wide, and an
+OOM must not end the run.
+
+  python bench/train_step.py --out DIR [DIR ...] [--quick] [--configs REGEX] [--tiny]
+
+  --quick    only 1.6B ctx 1024 bsz 1 grad_cp 1, both implementations
+  --configs  keep configurations whose name (e.g. 7B-1024x1-cp1-nf4) matches REGEX
+  --tiny     2-layer C128 model, ctx 32, on whatever device there is (a CPU check)
+
+Writes train_step_<card>_<date>.json and .md into every --out directory and
+prints the table.
+
+MFU counts matrix products only: 2 FLOP per matrix parameter (body incl. the
+LoRA-style mixes, and the head; not the embedding) per token and pass; a
+state-tuning step makes 2 passes (forward, activation gradients; no weight
+gradients), 3 with grad_cp (the forward again). The WKV recurrence is left out.
+The peak is a large bf16 matmul measured through JAX in the same run.
+"""
+import os
+
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # before jax: peaks must be the step's own
+
+import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import pathlib
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
+
+MODELS = {
+    '1.6B': RWKVConfig(n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=7168,
+                       dim_mix_lora=32, dim_decay_lora=64),
+    '3B': RWKVConfig(n_layer=32, n_embd=2560, head_size=64, vocab_size=65536, dim_ffn=8960,
+                     dim_mix_lora=32, dim_decay_lora=64),
+    '7B': RWKVConfig(n_layer=32, n_embd=4096, head_size=64, vocab_size=65536, dim_ffn=14336,
+                     dim_mix_lora=64, dim_decay_lora=128),
+    'tiny': RWKVConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=1024, dim_ffn=448,
+                       dim_mix_lora=32, dim_decay_lora=64),
+}
+PEAK_FALLBACK = 989e12  # H100 SXM dense bf16 datasheet figure, used only if the measurement fails
+STEPS, WARMUP = 10, 3  # timed steps (median), warm-up steps
+
+
+def step_counts(case) -> tuple[int, int]:
+  return (2, 1) if case.model == 'tiny' else (STEPS, WARMUP)  # tiny only checks that the code runs
+WORKER_TIMEOUT_S = 240
+RESERVE_S = 45  # a configuration is not started with less than this left of --budget_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  model: str
+  ctx_len: int
+  micro_bsz: int
+  grad_cp: int
+  quant: str = 'none'
+
+  @property
+  def name(self):
+    return f'{self.model}-{self.ctx_len}x{self.micro_bsz}-cp{self.grad_cp}-{self.quant}'
+
+  def impls(self):
+    return ('rwkv-jax', 'peer') if self.quant == 'none' else ('rwkv-jax',)  # the peer has no bitsandbytes here
+
+
+# In priority order: when --budget_s runs short, the tail is skipped.
+CASES = (Case('1.6B', 1024, 1, 1), Case('1.6B', 1024, 1, 0), Case('1.6B', 512, 8, 1), Case('7B', 1024, 1, 1),
+         Case('3B', 1024, 1, 1), Case('1.6B', 1024, 1, 1, 'int8'), Case('1.6B', 1024, 1, 1, 'nf4'),
+         Case('7B', 1024, 1, 1, 'int8'), Case('7B', 1024, 1, 1, 'nf4'))
+TINY_CASES = (Case('tiny', 32, 2, 1), Case('tiny', 32, 2, 0), Case('tiny', 32, 2, 1, 'int8'),
+              Case('tiny', 32, 2, 1, 'nf4'))
+
+
+def matmul_params(cfg: RWKVConfig) -> int:
+  """Parameters that take part in matrix products per token: body and head, not the embedding."""
+  C, F, D, Dd = cfg.n_embd, cfg.dim_ffn, cfg.dim_mix_lora, cfg.dim_decay_lora
+  att = 5 * C * C + 2 * 5 * D * C + 2 * Dd * C  # r k v g o, time_maa_w1/w2, time_decay_w1/w2
+  ffn = 2 * F * C + C * C  # key, value, receptance
+  return cfg.n_layer * (att + ffn) + cfg.vocab_size * C
+
+
+def flops_per_token(cfg: RWKVConfig, grad_cp: int) -> int:
+  return 2 * matmul_params(cfg) * (3 if grad_cp else 2)
+
+
+# ---------------------------------------------------------------- rwkv-jax worker (its own process)
+
+class JaxRng:
+  """The two draws synthetic.random_tensor makes, from jax.random on the device."""
+
+  def __init__(self, key):
+    self.key = key
+
+  def normal(self, loc, scale, shape):
+    import jax  # pylint: disable=g-import-not-at-top
+    return loc + scale * jax.random.normal(self.key, shape)
+
+  def uniform(self, low, high, shape):
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.random.uniform(self.key, shape, minval=low, maxval=high)
+
+
+def tree_layout(cfg: RWKVConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+  """{tree path: (checkpoint name, shape)} in the layout checkpoint.params_from_tensors gives."""
+  from rwkv_jax.checkpoint import expected_shapes  # pylint: disable=g-import-not-at-top
+  layout = {}
+  for name, shape in expected_shapes(cfg).items():
+    if not name.startswith('blocks.'):
+      layout[tuple(name.split('.'))] = (name, shape)
+    elif name.startswith('blocks.0.'):
+      leaf = name[len('blocks.0.'):]
+      if leaf.startswith('ln0.'):
+        layout[tuple(leaf.split('.'))] = (name, shape)
+      else:  # stacked over layers; [1, 1, C] vectors squeezed to [C]
+        layout[('blocks', *leaf.split('.'))] = (name, (cfg.n_layer, *(shape[2:] if shape[:2] == (1, 1) else shape)))
+  return layout
+
+
+def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
+  """bf16 random params on the device; quantized matrices are drawn and quantized a layer at a time,
+  so a dense copy of the model never exists (it would set the process's peak memory)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import quant, synthetic  # pylint: disable=g-import-not-at-top
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def draw(name, shape, key):
+    return synthetic.random_tensor(name, shape, JaxRng(key)).astype(jnp.bfloat16)
+
+  quantized = {('blocks', group, name, 'weight') for group, name in quant.MATRICES}
+  params, root = {}, jax.random.key(seed)
+  for i, (path, (name, shape)) in enumerate(tree_layout(cfg).items()):
+    key = jax.random.fold_in(root, i)
+    if quant_mode != 'none' and path in quantized:
+      layers = [quant.quantize(draw(name, shape[1:], jax.random.fold_in(key, l)), quant_mode)
+                for l in range(shape[0])]
+      value = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    else:
+      value = draw(name, shape, key)
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return params
+
+
+def check_layout(cfg: RWKVConfig) -> None:
+  """The device-drawn tree must match what the trainer loads from a .pth (checked at tiny size)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import checkpoint, synthetic  # pylint: disable=g-import-not-at-top
+  loaded = checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg), cfg)
+  drawn = jax.eval_shape(lambda: random_params(cfg, 'none'))
+  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors'
+
+
+def jax_worker(case: Case, implementation: str | None) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.wkv6 import default_implementation  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import train  # pylint: disable=g-import-not-at-top
+  cfg = MODELS[case.model]
+  if case.model == 'tiny':
+    check_layout(cfg)
+  params = random_params(cfg, case.quant)
+  tokens = jax.random.randint(jax.random.key(1), (1, case.micro_bsz, case.ctx_len + 1), 0, cfg.vocab_size)
+  inputs, targets = tokens[..., :-1], tokens[..., 1:]
+  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
+  train_state = train.init_train_state(cfg, opt)
+  step = train.make_train_step(cfg, opt, implementation, remat=bool(case.grad_cp))
+  t0 = time.perf_counter()
+  compiled = step.lower(train_state, params, inputs, targets).compile()
+  compile_s = time.perf_counter() - t0
+  steps, warmup = step_counts(case)
+  for _ in range(warmup):
+    train_state, loss = compiled(train_state, params, inputs, targets)
+  jax.block_until_ready((train_state, loss))
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    train_state, loss = compiled(train_state, params, inputs, targets)
+    jax.block_until_ready((train_state, loss))
+    times.append(time.perf_counter() - t0)
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return {'step_ms': statistics.median(times) * 1e3, 'peak_gb': peak / 1e9 if peak else None,
+          'compile_s': compile_s, 'loss': float(loss), 'wkv': implementation or default_implementation()}
+
+
+def peak_worker() -> dict:
+  """Dense bf16 matmul rate through JAX, and what the run is on."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  n = 8192 if device.platform == 'gpu' else 1024
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, a))
+  times = []
+  for _ in range(5):  # 10 back-to-back products per sample hide the dispatch gaps
+    t0 = time.perf_counter()
+    jax.block_until_ready([matmul(a, a) for _ in range(10)])
+    times.append((time.perf_counter() - t0) / 10)
+  return {'card': device.device_kind, 'platform': device.platform, 'peak_flops': 2 * n**3 / statistics.median(times)}
+
+
+# ---------------------------------------------------------------- driver
+
+def run_process(argv: list[str], timeout_s: float) -> dict:
+  """Runs a worker; its result is the JSON after 'RESULT ', anything else becomes an error."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
+  try:
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout_s, env=env,
+                          cwd=ROOT)
+  except subprocess.TimeoutExpired:
+    return {'error': f'timeout after {timeout_s:.0f} s'}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith('RESULT '):
+      return json.loads(line[len('RESULT '):])
+  text = proc.stderr + proc.stdout
+  if re.search(r'RESOURCE_EXHAUSTED|out of memory|OutOfMemory', text, re.IGNORECASE):
+    return {'error': 'OOM: ' + next(l for l in text.splitlines() if re.search(r'RESOURCE_EXHAUSTED|out of memory',
+                                                                                l, re.IGNORECASE))[:300]}
+  lines = [l for l in text.splitlines() if l.strip()]
+  raised = [l for l in lines if re.match(r'[\w.]*(Error|Exception)\b', l)]  # the exception, not JAX's footnote
+  return {'error': f'exit {proc.returncode}: ' + ((raised or lines or ['no output'])[-1][:300])}
+
+
+def run_case(case: Case, impl: str, implementation: str | None, timeout_s: float) -> dict:
+  if impl == 'peer':
+    cfg = MODELS[case.model]
+    argv = ['bench/peer_step.py', '--config', json.dumps(dataclasses.asdict(cfg)), '--ctx_len', str(case.ctx_len),
+            '--micro_bsz', str(case.micro_bsz), '--grad_cp', str(case.grad_cp)]
+    argv += ['--steps', str(step_counts(case)[0]), '--warmup', str(step_counts(case)[1])]
+    return run_process(argv, timeout_s)
+  worker = json.dumps({'case': dataclasses.asdict(case), 'implementation': implementation})
+  result = run_process(['bench/train_step.py', '--worker', worker], timeout_s)
+  if 'error' in result and not result['error'].startswith(('OOM', 'timeout')) and implementation is None:
+    # The Pallas kernel is new: if it fails, time the XLA fallback rather than lose the row.
+    retry = run_process(['bench/train_step.py', '--worker', json.dumps(
+        {'case': dataclasses.asdict(case), 'implementation': 'xla_chunked'})], timeout_s)
+    retry['note'] = f'default WKV failed ({result["error"][:200]}); timed xla_chunked'
+    return retry if 'error' not in retry else result
+  return result
+
+
+def make_row(case: Case, impl: str, result: dict, peak_flops: float) -> dict:
+  row = {'impl': impl, **dataclasses.asdict(case)}
+  row.update({k: None for k in ('tok_s', 'peak_gb', 'mfu', 'step_ms', 'compile_s')})
+  row.update(result)
+  if row.get('step_ms'):
+    row['tok_s'] = case.ctx_len * case.micro_bsz / (row['step_ms'] / 1e3)
+    row['mfu'] = flops_per_token(MODELS[case.model], case.grad_cp) * row['tok_s'] / peak_flops
+  return row
+
+
+def versions() -> dict:
+  found = {'python': platform.python_version()}
+  for package in ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'optax', 'torch', 'triton',
+                  'flash-linear-attention', 'fla-core'):
+    try:
+      found[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return found
+
+
+def fmt(value, spec):
+  return '—' if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+  rows = report['results']
+  find = lambda impl, case: next((r for r in rows if r['impl'] == impl and Case(
+      r['model'], r['ctx_len'], r['micro_bsz'], r['grad_cp'], r['quant']) == case), None)
+  lines = [f'# State-tuning step: rwkv-jax vs peer ({report["card"]}, {report["date"]})', '',
+           f'Peak used for MFU: {report["peak_tflops"]:.0f} TFLOP/s ({report["peak_source"]}). '
+           'Quantized rows are compared with the peer\'s bf16 row of the same shape. '
+           'Peer compile = its first step (Triton JIT and autotuning).', '',
+           '| config | WKV | rwkv-jax tok/s | peer tok/s | speed ratio | rwkv-jax peak GB | peer peak GB '
+           '| memory ratio | rwkv-jax MFU | peer MFU | rwkv-jax compile s | peer first step s |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for case in dict.fromkeys(Case(r['model'], r['ctx_len'], r['micro_bsz'], r['grad_cp'], r['quant']) for r in rows):
+    ours, peer = find('rwkv-jax', case) or {}, find('peer', dataclasses.replace(case, quant='none')) or {}
+    ratio = lambda k: (f'{ours[k] / peer[k]:.2f}x' if ours.get(k) and peer.get(k) else '—')
+    lines.append(
+        f'| {case.name} | {ours.get("wkv", "—")} | {fmt(ours.get("tok_s"), ",.0f")} | {fmt(peer.get("tok_s"), ",.0f")} '
+        f'| {ratio("tok_s")} | {fmt(ours.get("peak_gb"), ".2f")} | {fmt(peer.get("peak_gb"), ".2f")} '
+        f'| {ratio("peak_gb")} | {fmt(ours.get("mfu"), ".1%")} | {fmt(peer.get("mfu"), ".1%")} '
+        f'| {fmt(ours.get("compile_s"), ".1f")} | {fmt(peer.get("compile_s"), ".1f")} |')
+  errors = [f'- {r["impl"]} {Case(r["model"], r["ctx_len"], r["micro_bsz"], r["grad_cp"], r["quant"]).name}: '
+            f'{r.get("error") or r.get("note")}' for r in rows if r.get('error') or r.get('note')]
+  return '\n'.join(lines + ([''] + errors if errors else [])) + '\n'
+
+
+def select_cases(args) -> list[Case]:
+  cases = TINY_CASES if args.tiny else CASES
+  if args.quick:
+    cases = cases[:1]
+  if args.configs:
+    cases = [c for c in cases if re.search(args.configs, c.name)]
+  return list(cases)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--out', nargs='+', default=[str(ROOT / 'bench' / 'results')], help='directories for json + md')
+  p.add_argument('--quick', action='store_true', help='only the first configuration, both implementations')
+  p.add_argument('--configs', help='regex on configuration names, e.g. "^1.6B" or "nf4|int8"')
+  p.add_argument('--tiny', action='store_true', help='2-layer C128 model at ctx 32 (CPU check)')
+  p.add_argument('--impls', default='rwkv-jax,peer', help='comma-separated subset of rwkv-jax,peer')
+  p.add_argument('--implementation', help='WKV implementation for rwkv-jax (default: the platform default)')
+  p.add_argument('--budget_s', type=float, default=450, help='skip configurations that would start after this')
+  p.add_argument('--worker', help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.worker:
+    spec = json.loads(args.worker)
+    result = peak_worker() if spec.get('kind') == 'peak' else jax_worker(Case(**spec['case']), spec['implementation'])
+    print('RESULT ' + json.dumps(result), flush=True)
+    return
+
+  start = time.perf_counter()
+  device = run_process(['bench/train_step.py', '--worker', json.dumps({'kind': 'peak'})], 120)
+  peak_flops, source = device.get('peak_flops'), 'measured: bf16 8192^3 matmul through JAX'
+  if not peak_flops or device.get('platform') != 'gpu':
+    peak_flops, source = PEAK_FALLBACK, f'H100 SXM datasheet (not measured: {device.get("error") or "no GPU"})'
+  print(f'{device.get("card")}: {peak_flops / 1e12:.0f} TFLOP/s ({source})', flush=True)
+
+  impls = args.impls.split(',')
+  rows = []
+  for case in select_cases(args):
+    for impl in (i for i in case.impls() if i in impls):
+      left = args.budget_s - (time.perf_counter() - start)
+      if left < RESERVE_S:
+        result = {'error': f'skipped: --budget_s {args.budget_s:.0f} spent'}
+      else:
+        result = run_case(case, impl, args.implementation, min(WORKER_TIMEOUT_S, left))
+      rows.append(make_row(case, impl, result, peak_flops))
+      shown = {k: rows[-1].get(k) for k in ('tok_s', 'step_ms', 'peak_gb', 'mfu', 'compile_s', 'wkv', 'error')}
+      print(f'{time.perf_counter() - start:6.0f}s {impl:8s} {case.name}: {json.dumps(shown)}', flush=True)
+
+  card = device.get('card') or 'unknown'
+  date = datetime.date.today().isoformat()
+  report = {'card': card, 'date': date, 'versions': versions(), 'peak_tflops': peak_flops / 1e12,
+            'peak_source': source, 'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)',
+            'results': rows}
+  stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}'
+  table = markdown(report)
+  for out in args.out:
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{stem}.json').write_text(json.dumps(report, indent=2))
+    (out / f'{stem}.md').write_text(table)
+  print(table)
+
+
+if __name__ == '__main__':
+  main()

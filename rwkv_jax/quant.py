@@ -1,0 +1,140 @@
+"""int8 and NF4 storage for the frozen matrix weights (`train_state.py --quant int8|nf4`).
+
+State tuning never updates the big matrices, so they can be stored compressed and
+expanded to the compute dtype one layer at a time inside the jitted step:
+
+  int8: symmetric per-output-row absmax, w ~= values * scale[row], values in [-127, 127].
+  nf4:  the 16 NormalFloat-4 levels (QLoRA), one absmax per block of 64 inputs,
+        w ~= NF4[code] * scale[row, block], two codes per byte (even input in the low nibble).
+
+A quantized weight is a small pytree whose leaves keep the leading layer axis of
+the param tree, so `lax.scan` over layers slices it like any other block param.
+Scales are fp32 (one per row or per 64 weights: a few percent of the storage).
+
+  params = quant.quantize_params(params, 'nf4')   # then train as usual
+  w_OxI = quant.dense(params['blocks']['att']['key']['weight'])   # [L, O, I] back
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ('int8', 'nf4')
+BLOCK = 64  # NF4 block length along the input dim.
+# The weights RWKV-PEFT quantizes: every time-mix and channel-mix projection.
+MATRICES = (('att', 'receptance'), ('att', 'key'), ('att', 'value'), ('att', 'gate'), ('att', 'output'),
+            ('ffn', 'key'), ('ffn', 'receptance'), ('ffn', 'value'))
+# Quantiles of N(0, 1) scaled to [-1, 1] with an exact zero (Dettmers et al. 2023, QLoRA).
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Weight:
+  """values [..., O, I] int8, scale [..., O] fp32; dtype: what `dense` returns."""
+  values: jax.Array
+  scale: jax.Array
+  dtype: np.dtype
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+  """packed [..., O, nb * 32] uint8, scale [..., O, nb] fp32 (nb = ceil(I / 64)); I = n_in."""
+  packed: jax.Array
+  scale: jax.Array
+  dtype: np.dtype
+  n_in: int
+
+  @property
+  def shape(self):
+    return (*self.packed.shape[:-1], self.n_in)
+
+
+jax.tree_util.register_dataclass(Int8Weight, data_fields=['values', 'scale'], meta_fields=['dtype'])
+jax.tree_util.register_dataclass(NF4Weight, data_fields=['packed', 'scale'], meta_fields=['dtype', 'n_in'])
+
+
+def is_quantized(w) -> bool:
+  return isinstance(w, (Int8Weight, NF4Weight))
+
+
+def dense(w, dtype=None):
+  """The weight as a plain array in `dtype` (default: the dtype it had before quantization)."""
+  if isinstance(w, Int8Weight):
+    w_OxI = w.values.astype(jnp.float32) * w.scale[..., None]
+  elif isinstance(w, NF4Weight):
+    w_OxI = _nf4_dequantize(w)
+  else:
+    return w if dtype is None else w.astype(dtype)
+  return w_OxI.astype(w.dtype if dtype is None else dtype)
+
+
+def _nf4_dequantize(w: NF4Weight):
+  codes = jnp.stack([w.packed & 0xF, w.packed >> 4], axis=-1)  # [..., O, nb*32, 2]: low nibble first
+  *lead, nb = w.scale.shape
+  levels = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)].reshape(*lead, nb, BLOCK)
+  return (levels * w.scale[..., None]).reshape(*lead, nb * BLOCK)[..., :w.n_in]
+
+
+@jax.jit
+def _int8_quantize(w_OxI):
+  w_OxI = w_OxI.astype(jnp.float32)
+  scale_O = jnp.max(jnp.abs(w_OxI), axis=-1) / 127.0
+  safe_O = jnp.where(scale_O > 0, scale_O, 1.0)  # an all-zero row stays zero
+  values = jnp.clip(jnp.round(w_OxI / safe_O[:, None]), -127, 127).astype(jnp.int8)
+  return values, scale_O
+
+
+@jax.jit
+def _nf4_quantize(w_OxI):
+  O, I = w_OxI.shape
+  nb = -(-I // BLOCK)
+  w_OxNxB = jnp.pad(w_OxI.astype(jnp.float32), ((0, 0), (0, nb * BLOCK - I))).reshape(O, nb, BLOCK)
+  scale_OxN = jnp.max(jnp.abs(w_OxNxB), axis=-1)
+  x = w_OxNxB / jnp.where(scale_OxN > 0, scale_OxN, 1.0)[..., None]
+  # Nearest level = how many midpoints lie below x; an unrolled sum fuses into one
+  # elementwise pass instead of a [..., 15] comparison tensor.
+  codes = sum((x > float(m)).astype(jnp.uint8) for m in NF4_MIDPOINTS).reshape(O, nb * BLOCK // 2, 2)
+  return codes[..., 0] | (codes[..., 1] << 4), scale_OxN
+
+
+def quantize(w, mode: str):
+  """[..., O, I] weight -> Int8Weight / NF4Weight, one [O, I] matrix at a time.
+
+  Runs on JAX's default device (the GPU when there is one); host memory holds one
+  layer's fp32 copy at most, whatever the model size.
+  """
+  if mode not in MODES:
+    raise ValueError(f'unknown quantization {mode!r}; choose one of {MODES}')
+  dtype = np.dtype(w.dtype)
+  *lead, O, I = w.shape
+  fn = _int8_quantize if mode == 'int8' else _nf4_quantize
+  parts = [fn(jnp.asarray(w[idx])) for idx in np.ndindex(*lead)]
+  data, scale = (jnp.stack([p[i] for p in parts]).reshape(*lead, *parts[0][i].shape) for i in (0, 1))
+  return Int8Weight(data, scale, dtype) if mode == 'int8' else NF4Weight(data, scale, dtype, I)
+
+
+def quantize_params(params: dict, mode: str, head: bool = False) -> dict:
+  """Quantizes the time-mix and channel-mix matrices (and `head` if asked) of a param tree.
+
+  The tree's dicts are updated in place, so each dense original can be freed as soon
+  as its quantized copy exists (a 7B model never has both in memory); returns `params`.
+  Embedding, norms, mixes, decays and the LoRA-style matrices stay as they are.
+  """
+  if mode == 'none':
+    return params
+  blocks = params['blocks']
+  for group, name in MATRICES:
+    blocks[group][name]['weight'] = quantize(blocks[group][name]['weight'], mode)
+  if head:
+    params['head']['weight'] = quantize(params['head']['weight'], mode)
+  return params

@@ -1,0 +1,111 @@
+"""int8 / NF4 weights: dequantization error, logits of a quantized model, state tuning on one.
+
+  python -m pytest tests/test_quant.py -q
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from rwkv_jax import checkpoint, model, quant, synthetic, train
+
+# TINY with a small vocabulary: the head is not quantized, and a 65536-row head
+# would only slow these tests down.
+CFG = dataclasses.replace(synthetic.TINY, vocab_size=1024)
+# Logits may move by at most this many times the weights' relative RMS error.
+# Errors of the 16 quantized matrices (8 a layer, 2 layers) are independent, so
+# they add in quadrature: sqrt(16) = 4 times the error of one matrix if each
+# layer passes perturbations on with unit gain. Measured on seeds 0-2, vocab
+# 65536 and 1024, 2 x 32-64 tokens: logits move 2.4-2.9x the weight error (int8
+# 0.0065 -> 0.017-0.019, nf4 0.092 -> 0.22-0.25), so 4x leaves a margin of 1.4x.
+LOGIT_ERROR_PER_WEIGHT_ERROR = 4.0
+
+
+def bf16_params(seed):
+  params = checkpoint.params_from_tensors(synthetic.random_checkpoint(CFG, seed), CFG)
+  return jax.tree.map(lambda p: np.asarray(p).astype(ml_dtypes.bfloat16), params)
+
+
+def weight_matrix(rng, shape):
+  """bf16 weights with rows of very different scales, an all-zero row and an outlier."""
+  w = rng.standard_normal(shape) * np.exp(rng.uniform(-4, 1, shape[:-1] + (1,)))
+  w[..., 0, :] = 0.0
+  w[..., 1, 3] = 50.0
+  return w.astype(ml_dtypes.bfloat16)
+
+
+def relative_rms(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2))
+
+
+def test_int8_error_is_at_most_half_a_step():
+  w = weight_matrix(np.random.default_rng(0), (3, 40, 100))
+  q = quant.quantize(w, 'int8')
+  assert q.values.dtype == jnp.int8 and q.values.shape == (3, 40, 100) and q.scale.shape == (3, 40)
+  w32 = w.astype(np.float32)
+  error = np.abs(np.asarray(quant.dense(q, jnp.float32)) - w32)
+  scale = np.abs(w32).max(-1, keepdims=True) / 127
+  assert np.all(error <= scale / 2 * (1 + 1e-5))
+  assert np.all(error[:, 0] == 0)
+  assert quant.dense(q).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('n_in', [128, 100])  # 100: a partial last block
+def test_nf4_error_is_at_most_half_the_gap_between_levels(n_in):
+  w = weight_matrix(np.random.default_rng(1), (2, 24, n_in))
+  q = quant.quantize(w, 'nf4')
+  blocks = -(-n_in // quant.BLOCK)
+  assert q.packed.dtype == jnp.uint8 and q.packed.shape == (2, 24, blocks * 32) and q.shape == w.shape
+  w32 = w.astype(np.float32)
+  padded = np.pad(w32, ((0, 0), (0, 0), (0, blocks * quant.BLOCK - n_in)))
+  absmax = np.abs(padded.reshape(2, 24, blocks, quant.BLOCK)).max(-1)
+  absmax = np.repeat(absmax, quant.BLOCK, axis=-1)[..., :n_in]
+  x = w32 / np.where(absmax > 0, absmax, 1)
+  upper = np.clip(np.searchsorted(quant.NF4_LEVELS, x), 1, 15)  # x lies in [levels[upper-1], levels[upper]]
+  half_gap = (quant.NF4_LEVELS[upper] - quant.NF4_LEVELS[upper - 1]) / 2
+  error = np.abs(np.asarray(quant.dense(q, jnp.float32)) - w32)
+  assert np.all(error <= half_gap * absmax * (1 + 1e-5) + 1e-30)
+  assert np.all(error[:, 0] == 0)
+
+
+@pytest.mark.parametrize('mode', quant.MODES)
+def test_quantized_model_logits_stay_close(mode):
+  tokens_BxT = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 32))
+  forward = jax.jit(lambda p: model.forward(p, CFG, tokens_BxT, model.zero_state(CFG))[0])
+  for seed in (0, 1):
+    params = bf16_params(seed)
+    reference = forward(params)
+    weight = params['blocks']['ffn']['key']['weight']
+    quantized = quant.quantize_params(jax.tree.map(lambda p: p, params), mode)
+    weight_error = relative_rms(quant.dense(quantized['blocks']['ffn']['key']['weight'], jnp.float32),
+                                weight.astype(np.float32))
+    assert weight_error < {'int8': 0.01, 'nf4': 0.12}[mode]
+    assert relative_rms(forward(quantized), reference) < LOGIT_ERROR_PER_WEIGHT_ERROR * weight_error
+
+
+def test_quantize_params_touches_only_the_projections():
+  params = quant.quantize_params(bf16_params(0), 'nf4')
+  quantized = {path for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=quant.is_quantized)
+               if quant.is_quantized(leaf)}
+  assert len(quantized) == len(quant.MATRICES)
+  assert isinstance(params['emb']['weight'], np.ndarray) and isinstance(params['head']['weight'], np.ndarray)
+  assert isinstance(params['blocks']['att']['time_maa_w1'], np.ndarray)
+
+
+def test_state_tuning_a_quantized_model_lowers_the_loss():
+  params = quant.quantize_params(bf16_params(0), 'nf4')
+  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 100))
+  train_state = train.init_train_state(CFG, opt)
+  step = train.make_train_step(CFG, opt, remat=False)
+  tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 1, 33))
+  inputs, targets = tokens[..., :-1], tokens[..., 1:]
+  losses = []
+  for _ in range(20):
+    train_state, loss = step(train_state, params, inputs, targets)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.7 * losses[0], losses
