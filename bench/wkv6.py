@@ -1,0 +1,245 @@
+"""WKV-6 forward and forward+backward times on one GPU: pallas, xla_chunked, scan and fla.
+
+Inputs as a state-tuning step sees them: bf16 r, k, v, w (raw) and u, one fp32
+initial state [H, V, K] shared over the batch, cotangents on y and the final
+state; gradients of all six inputs. fla's chunk_rwkv6 gets the same tensors
+(w as a bf16 log decay -exp(w) leaf, its state key-major, scale 1.0).
+
+  python bench/wkv6.py [--out DIR ...] [--sweep]
+  python bench/wkv6.py --registers [SM ...]   # needs triton, not a GPU
+
+Writes wkv6_<card>_<date>.json and .md into each --out directory (default
+bench/results) and prints the table. --sweep also times pallas tilings at the
+first shape.
+"""
+import argparse
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import pathlib
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pallas_kernels.wkv6 import wkv6  # pylint: disable=g-import-not-at-top
+from pallas_kernels.wkv6_pallas import Config, wkv6_pallas  # pylint: disable=g-import-not-at-top
+
+SHAPES = ((1, 1024, 32, 64), (8, 512, 32, 64), (8, 4096, 64, 64))
+SCAN_MAX_TOKENS = 8 * 512  # B * T above which the scan is skipped (too slow)
+
+
+def _inputs(B, T, H, K, seed=0):
+  rng = np.random.default_rng(seed)
+  bf16 = lambda *shape, scale=1.0: jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
+  r, k, v = (bf16(B, T, H, K, scale=0.5) for _ in range(3))
+  w = jnp.asarray(rng.uniform(-6.0, -1.0, (B, T, H, K)), jnp.bfloat16)
+  u = bf16(H, K, scale=0.5)
+  s0 = jnp.asarray(rng.standard_normal((H, K, K)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32)
+  dsT = jnp.asarray(rng.standard_normal((B, H, K, K)), jnp.float32)
+  return (r, k, v, w, u, s0), (dy, dsT)
+
+
+def _time_jax(fn, args, reps, inner=5):
+  """Median over `reps` of the mean of `inner` back-to-back calls (hides dispatch gaps)."""
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return float(np.median(times)) * 1e3
+
+
+def _jax_fns(op):
+  fwd = jax.jit(op)
+
+  def loss(args, cts):
+    y, sT = op(*args)
+    return jnp.sum(y * cts[0]) + jnp.sum(sT * cts[1])
+
+  grad = jax.jit(jax.grad(loss))
+  return fwd, grad
+
+
+def bench_jax(impl, shape, reps, op=None):
+  args, cts = _inputs(*shape)
+  fwd, grad = _jax_fns(op or functools.partial(wkv6, implementation=impl))
+  return _time_jax(fwd, args, reps), _time_jax(lambda a, c: grad(a, c), (args, cts), reps)
+
+
+def bench_fla(shape):
+  import torch  # pylint: disable=g-import-not-at-top
+  import triton  # pylint: disable=g-import-not-at-top
+  from fla.ops.rwkv6 import chunk_rwkv6  # pylint: disable=g-import-not-at-top
+  B, T, H, K = shape
+  (r, k, v, w, u, s0), (dy, dsT) = _inputs(*shape)
+  dev = 'cuda'
+  t = lambda x, grad=True: torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dev).requires_grad_(grad)
+  r_t, k_t, v_t, u_t = (t(x).to(torch.bfloat16).detach().requires_grad_() for x in (r, k, v, u))
+  g_t = (-torch.exp(t(w, False))).to(torch.bfloat16).requires_grad_()  # fla takes the log decay
+  h0 = t(jnp.swapaxes(s0, -1, -2))  # fla's state is key-major [K, V]
+  dy_t, dh_t = t(dy, False).to(torch.bfloat16), t(jnp.swapaxes(dsT, -1, -2), False)
+
+  def fwd():
+    return chunk_rwkv6(r_t, k_t, v_t, g_t, u_t, scale=1.0, initial_state=h0.expand(B, H, K, K),
+                       output_final_state=True)
+
+  def fwd_bwd():
+    o, hT = fwd()
+    torch.autograd.backward((o, hT), (dy_t.to(o.dtype), dh_t))
+
+  ms = lambda f: float(triton.testing.do_bench(f, warmup=25, rep=200, return_mode='median'))
+  leaves = [r_t, k_t, v_t, g_t, u_t, h0]
+  return ms(lambda: fwd()), float(triton.testing.do_bench(
+      fwd_bwd, warmup=25, rep=200, grad_to_none=leaves, return_mode='median'))
+
+
+def _versions():
+  names = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'torch', 'triton',
+           'flash-linear-attention', 'fla-core')
+  out = {}
+  for name in names:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _table(results):
+  lines = ['| impl | B | T | H | K | fwd ms | fwd+bwd ms |', '|---|---|---|---|---|---|---|']
+  fmt = lambda x: '—' if x is None else f'{x:.3f}'
+  for r in results:
+    lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | {r['H']} | {r['K']} | {fmt(r['fwd_ms'])} | "
+                 f"{fmt(r['fwd_bwd_ms'])} |")
+  return '\n'.join(lines)
+
+
+def sweep(shape, reps, budget_s):
+  """Times pallas tilings at one shape, one knob at a time (for tuning Config's defaults)."""
+  print(f'pallas tilings at {shape} (fwd ms, fwd+bwd ms):')
+  t0 = time.perf_counter()
+  base = Config(block_v=16)
+  variants = [{}, dict(block_v=32), dict(block_v=64), dict(chunk=32), dict(warps_out=8),
+              dict(warps_bwd=4), dict(warps_state=2), dict(stages=1), dict(stages=3), dict(dots='tf32')]
+  for change in variants:
+    if time.perf_counter() - t0 > budget_s:
+      print(f'  sweep stopped after {budget_s} s')
+      break
+    cfg = dataclasses.replace(base, **change)
+    op = lambda r, k, v, w, u, s0, cfg=cfg: wkv6_pallas(
+        r, k, v, w, u, jnp.broadcast_to(s0, (r.shape[0],) + s0.shape), config=cfg)
+    try:
+      fwd, fb = bench_jax('pallas', shape, reps, op=op)
+      print(f'  {change or "default"}: {fwd:.3f} {fb:.3f}', flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'  {change}: failed: {type(e).__name__}: {str(e)[:200]}', flush=True)
+
+
+def registers(shape, compute_capability=None):
+  """Registers and spills of each Pallas kernel, via triton + `ptxas -v` (no GPU needed).
+
+  Captures the Triton IR that the Pallas lowering hands to XLA (a private JAX
+  hook, diagnostics only) and compiles it again with the installed triton.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import triton  # pylint: disable=g-import-not-at-top
+  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
+  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  from triton.backends.nvidia.compiler import get_ptxas  # pylint: disable=g-import-not-at-top
+  ir = {}
+  lower = lowering.lower_jaxpr_to_triton_module
+
+  def capture(jaxpr, *args, **kwargs):
+    result = lower(jaxpr, *args, **kwargs)
+    ir[jaxpr.debug_info.func_name] = result.module.operation.get_asm(enable_debug_info=False)
+    return result
+
+  lowering.lower_jaxpr_to_triton_module = capture
+  cfg = Config(block_v=16)
+  args, _ = _inputs(*shape)
+  loss = lambda *a: sum(jnp.sum(o) for o in wkv6_pallas(
+      *a[:5], jnp.broadcast_to(a[5], (shape[0],) + a[5].shape), interpret=False, config=cfg))
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))).trace(*args).lower(lowering_platforms=('cuda',))
+  lowering.lower_jaxpr_to_triton_module = lower
+  cc = compute_capability or int(getattr(jax.devices()[0], 'compute_capability', '9.0').replace('.', ''))
+  warps = dict(wkv6_state_fwd=cfg.warps_state, wkv6_state_bwd=cfg.warps_state,
+               wkv6_out_fwd=cfg.warps_out, wkv6_chunk_bwd=cfg.warps_bwd)
+  tmp = pathlib.Path(tempfile.mkdtemp())
+  for name, text in sorted(ir.items()):
+    (tmp / f'{name}.ttir').write_text(text)
+    kernel = triton.compile(str(tmp / f'{name}.ttir'), target=GPUTarget('cuda', cc, 32),
+                            options=dict(num_warps=warps[name], num_stages=cfg.stages))
+    (tmp / f'{name}.ptx').write_text(kernel.asm['ptx'])
+    arch = f'sm_{cc}a' if cc in (90, 100) else f'sm_{cc}'
+    log = subprocess.run([get_ptxas(cc).path, '-v', f'--gpu-name={arch}', str(tmp / f'{name}.ptx'),
+                          '-o', str(tmp / f'{name}.o')], capture_output=True, text=True, check=True).stderr
+    print(f'sm_{cc} {name} warps={warps[name]}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
+          f'shared={kernel.metadata.shared}', flush=True)
+
+
+def write_results(out_dirs, stem, record):
+  table = _table(record['results'])
+  for out in out_dirs:
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{stem}.json').write_text(json.dumps(record, indent=2) + '\n')
+    (out / f'{stem}.md').write_text(f'# WKV-6 on {record["card"]}, {record["date"]}\n\n{table}\n\n'
+                                    f'versions: {record["versions"]}\n')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--out', nargs='+', default=['bench/results'], help='output directories')
+  parser.add_argument('--reps', type=int, default=20)
+  parser.add_argument('--sweep', action='store_true', help='also time pallas tilings at the first shape')
+  parser.add_argument('--sweep-seconds', type=float, default=90.0, help='time box of --sweep')
+  parser.add_argument('--shapes', nargs='+', default=[','.join(map(str, s)) for s in SHAPES],
+                      help='B,T,H,K ... (default: the three published shapes)')
+  parser.add_argument('--registers', nargs='*', type=int, metavar='SM',
+                      help='only report registers/spills of the Pallas kernels (for SM, e.g. 80 86 90)')
+  args = parser.parse_args()
+  shapes = [tuple(int(x) for x in s.split(',')) for s in args.shapes]
+  if args.registers is not None:
+    for cc in args.registers or [None]:
+      registers(shapes[0], cc)
+    return
+
+  card = jax.devices()[0].device_kind
+  date = datetime.date.today().isoformat()
+  stem = f"wkv6_{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}_{date}"
+  results = []
+  for shape in shapes:
+    B, T, H, K = shape
+    for impl in ('pallas', 'xla_chunked', 'scan', 'fla'):
+      fwd = fwd_bwd = None
+      try:
+        if impl == 'fla':
+          fwd, fwd_bwd = bench_fla(shape)
+        elif impl != 'scan' or B * T <= SCAN_MAX_TOKENS:
+          fwd, fwd_bwd = bench_jax(impl, shape, args.reps)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'{impl} {shape}: failed: {type(e).__name__}: {str(e)[:300]}', flush=True)
+      results.append(dict(impl=impl, B=B, T=T, H=H, K=K, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+      print(results[-1], flush=True)
+      # Written after every row, so a run cut short by its time limit keeps what it measured.
+      write_results(args.out, stem, dict(card=card, date=date, versions=_versions(), results=results))
+  print(_table(results))
+  if args.sweep:
+    sweep(shapes[0], max(5, args.reps // 2), args.sweep_seconds)
+
+
+if __name__ == '__main__':
+  main()

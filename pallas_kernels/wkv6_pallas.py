@@ -1,0 +1,399 @@
+"""RWKV-6 WKV as chunked Pallas GPU kernels (Triton lowering), forward and backward.
+
+Lowering: Pallas' Triton backend (`pltriton.CompilerParams`). It is deprecated
+in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
+3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
+is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops
+and row/column reductions, so it can move to another lowering.
+
+Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
+chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the
+chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
+
+  state kernel  (grid B x H x V-tiles, sequential over chunks, state in
+                 registers): stores each chunk's start state and the final one.
+                 S <- S * exp(G) + v^T (k * exp(G - gi))
+  chunk kernel  (grid chunks x B x H, fully parallel): per 16-row sub-chunk,
+                 o = (r * exp(ge)) S^T + A v, with A split at a reference point
+                 for each earlier sub-chunk (two 16-row dots) and pairwise
+                 exponentials on the diagonal sub-chunk (a loop over its key
+                 rows). Loops rather than unrolling, and [16, K] tiles rather
+                 than [C, C, K] blocks, keep the kernels inside the register file.
+  backward      the same two shapes: a reverse state kernel carries dS (its
+                 final value is d s0) and stores each chunk's end-state gradient;
+                 a parallel chunk kernel recomputes A from the stored states and
+                 returns dr, dk, dv and the log-decay gradient
+                 dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
+                 (bonus-free gradients, dG = colsum(S_end * dS_end)).
+
+The bonus u (elementwise, in XLA inside the custom VJP), the chain rule through
+-exp(w) and the padding of T to a whole number of chunks (k = v = r = 0, g = 0,
+i.e. decay 1) are plain JAX.
+Dots run at HIGHEST (IEEE fp32) for fp32 inputs and at 3xTF32 for bf16 inputs.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static kernel configuration (hashable: it is a custom_vjp nondiff argument)."""
+  chunk: int = 64           # T-block of the parallel kernels; multiple of `sub`
+  sub: int = 16             # rows of a sub-chunk (pairwise exps inside; Triton dots need >= 16)
+  block_v: int = 32         # V-tile of the sequential state kernels (more tiles, more programs)
+  exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
+  dots: str = 'tf32x3'      # dots for bf16 inputs: 'tf32x3', 'tf32' or 'ieee'
+  interpret: bool = False
+  warps_state: int = 4
+  warps_out: int = 4
+  warps_bwd: int = 8        # the backward chunk kernel spills at 4 warps (ptxas, sm_90)
+  stages: int = 2
+
+  def params(self, warps):
+    return pltriton.CompilerParams(num_warps=warps, num_stages=self.stages)
+
+
+def _dot(a, b, precision, trans_a=False, trans_b=False):
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
+
+
+def _precision(cfg):
+  # Plain TF32 is too coarse for the log-decay gradient, a difference of
+  # accumulated products; 3xTF32 is close to fp32 at tensor-core speed. CPUs
+  # (interpret mode) have no TF32 and run HIGHEST.
+  if cfg.exact or cfg.interpret:
+    return lax.Precision.HIGHEST
+  return {'tf32': lax.Precision.DEFAULT, 'tf32x3': lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+          'ieee': lax.Precision.HIGHEST}[cfg.dots]
+
+
+def _masked_exp(mask, x):
+  # -inf (not a select after exp) so masked lanes never hold inf.
+  return jnp.exp(jnp.where(mask, x, -jnp.inf))
+
+
+def _diagonal_fwd(r_ref, k_ref, v_ref, gi_ref, base, r, ge, o):
+  """Adds the causal in-sub-chunk term sum_{s<t} A[t,s] v_s to o.
+
+  One key row s per step, so the pairwise exponentials exp(ge_t - gi_s) live
+  as a [C, K] tile at a time instead of a [C, C, K] block (register pressure).
+  """
+  row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+
+  def body(s, o):
+    row = pl.ds(base + s, 1)
+    e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
+    a_col = jnp.sum(r * k_ref[row, :].astype(f32) * e, axis=1, keepdims=True)
+    return o + a_col * v_ref[row, :].astype(f32)
+
+  return lax.fori_loop(0, r.shape[0], body, o)
+
+
+def _diagonal_bwd(r_ref, k_ref, v_ref, gi_ref, base, r, ge, do, grads):
+  """Adds the in-sub-chunk terms of (dr, dk, dv), one key row s per step."""
+  row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+  row_CxV = lax.broadcasted_iota(jnp.int32, do.shape, 0)
+
+  def body(s, grads):
+    dr, dk, dv = grads
+    row = pl.ds(base + s, 1)
+    k_s = k_ref[row, :].astype(f32)
+    e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
+    dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
+    a_col = jnp.sum(r * k_s * e, axis=1, keepdims=True)
+    dr += dA_col * k_s * e
+    dk += jnp.where(row_CxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
+    dv += jnp.where(row_CxV == s, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
+    return dr, dk, dv
+
+  return lax.fori_loop(0, r.shape[0], body, grads)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _state_fwd_kernel(k_ref, v_ref, gi_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
+  L, prec = cfg.chunk, _precision(cfg)
+
+  def body(n, s_VxK):
+    h_ref[n] = s_VxK
+    start = pl.multiple_of(n * L, L)
+    gi = gi_ref[pl.ds(start, L), :]
+    G = gi_ref[pl.ds(start + L - 1, 1), :]
+    kd = k_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(G - gi)
+    v = v_ref[pl.ds(start, L), :].astype(f32)
+    return s_VxK * jnp.exp(G) + _dot(v, kd, prec, trans_a=True)
+
+  sT_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
+
+
+def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
+  # Loops over sub-chunks and sub-chunk pairs keep every live tile [C, K]
+  # (see _chunk_bwd_kernel).
+  L, C, prec = cfg.chunk, cfg.sub, _precision(cfg)
+  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :].astype(f32)
+
+  def body(i, carry):
+    r, gi, g = load(r_ref, i), load(gi_ref, i), load(g_ref, i)
+    ge = gi - g
+    # Earlier sub-chunks j < i, split at the reference point gn (the clamp only
+    # matters for i = 0, where acc = 0).
+    gn = gi_ref[pl.ds(jnp.maximum(i * C - 1, 0), 1), :]
+    q = r * jnp.exp(jnp.minimum(ge - gn, 0.0))
+
+    def earlier(j, acc):
+      kmat = load(k_ref, j) * jnp.exp(gn - load(gi_ref, j))
+      return acc + _dot(_dot(q, kmat, prec, trans_b=True), load(v_ref, j), prec)
+
+    o = lax.fori_loop(0, i, earlier, _dot(r * jnp.exp(ge), h_ref[...], prec, trans_b=True))
+    o_ref[pl.ds(pl.multiple_of(i * C, C), C), :] = _diagonal_fwd(r_ref, k_ref, v_ref, gi_ref, i * C, r, ge, o)
+    return carry
+
+  lax.fori_loop(0, L // C, body, 0)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def _state_bwd_kernel(r_ref, g_ref, gi_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
+  L, prec = cfg.chunk, _precision(cfg)
+
+  def body(i, ds_VxK):
+    n = n_chunks - 1 - i
+    dh_ref[n] = ds_VxK
+    start = pl.multiple_of(n * L, L)
+    gi = gi_ref[pl.ds(start, L), :]
+    G = gi_ref[pl.ds(start + L - 1, 1), :]
+    rq = r_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(gi - g_ref[pl.ds(start, L), :])
+    return ds_VxK * jnp.exp(G) + _dot(do_ref[pl.ds(start, L), :], rq, prec, trans_a=True)
+
+  ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dsT_ref[...])
+
+
+def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
+                      dr_ref, dk_ref, dv_ref, dg_ref, *, cfg):
+  # Loops (not Python unrolling) over sub-chunks, and sub-chunk pairs for the
+  # off-diagonal blocks of A: every live tile is [C, K] or [C, C], which keeps
+  # the kernel within the register file.
+  L, C, prec = cfg.chunk, cfg.sub, _precision(cfg)
+  K = k_ref.shape[-1]
+  n_sub = L // C
+  G = gi_ref[L - 1:L, :]
+  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :].astype(f32)
+
+  # d/dG of everything in the chunk is colsum(S_end * dS_end).
+  def end_state_term(j, acc):
+    kd = load(k_ref, j) * jnp.exp(G - load(gi_ref, j))
+    return acc + jnp.sum(kd * _dot(load(v_ref, j), dh_ref[...], prec), axis=0, keepdims=True)
+
+  dG = lax.fori_loop(0, n_sub, end_state_term,
+                     jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
+  upper_CxC = (lax.broadcasted_iota(jnp.int32, (C, C), 1)
+               >= lax.broadcasted_iota(jnp.int32, (C, C), 0)).astype(f32)
+
+  def body(i, suffix):
+    b = n_sub - 1 - i
+    r, k, v, do, gi, g = (load(ref, b) for ref in (r_ref, k_ref, v_ref, do_ref, gi_ref, g_ref))
+    ge = gi - g
+    # Query side: rows b of A against earlier sub-chunks j < b, split at the
+    # reference point gn (the clamp only matters for b = 0, where acc = 0).
+    gn = gi_ref[pl.ds(jnp.maximum(b * C - 1, 0), 1), :]
+
+    def earlier(j, acc):
+      kmat = load(k_ref, j) * jnp.exp(gn - load(gi_ref, j))
+      return acc + _dot(_dot(do, load(v_ref, j), prec, trans_b=True), kmat, prec)
+
+    acc = lax.fori_loop(0, b, earlier, jnp.zeros_like(r))
+    dr = jnp.exp(ge) * _dot(do, h_ref[...], prec) + jnp.exp(jnp.minimum(ge - gn, 0.0)) * acc
+    # Key side: columns b of A against later sub-chunks j > b, split at gm.
+    gm = gi_ref[pl.ds(b * C + C - 1, 1), :]
+    kq = k * jnp.exp(gm - gi)
+
+    def later(j, accs):
+      dk_acc, dv_acc = accs
+      do_j = load(do_ref, j)
+      rmat = load(r_ref, j) * jnp.exp(load(gi_ref, j) - load(g_ref, j) - gm)
+      return (dk_acc + _dot(_dot(v, do_j, prec, trans_b=True), rmat, prec),
+              dv_acc + _dot(_dot(kq, rmat, prec, trans_b=True), do_j, prec))
+
+    dk_acc, dv_acc = lax.fori_loop(b + 1, n_sub, later, (jnp.zeros_like(k), jnp.zeros_like(do)))
+    dk = jnp.exp(G - gi) * _dot(v, dh_ref[...], prec) + jnp.exp(gm - gi) * dk_acc
+    dv = _dot(k * jnp.exp(G - gi), dh_ref[...], prec, trans_b=True) + dv_acc
+    # Diagonal sub-chunk.
+    dr, dk, dv = _diagonal_bwd(r_ref, k_ref, v_ref, gi_ref, b * C, r, ge, do, (dr, dk, dv))
+    # Log-decay gradient: reverse cumsum of r*dr - k*dk, r-part exclusive.
+    dge = r * dr
+    x = dge - k * dk
+    rows = pl.ds(pl.multiple_of(b * C, C), C)
+    dg_ref[rows, :] = _dot(upper_CxC, x, lax.Precision.HIGHEST) + suffix - dge + dG
+    dr_ref[rows, :] = dr
+    dk_ref[rows, :] = dk
+    dv_ref[rows, :] = dv
+    return suffix + jnp.sum(x, axis=0, keepdims=True)
+
+  lax.fori_loop(0, n_sub, body, jnp.zeros((1, K), f32))
+
+
+# ----------------------------------------------------------------------------- pallas_calls
+
+
+def _state_fwd(cfg, k, v, gi, s0):
+  B, T, H, K = k.shape
+  V = v.shape[-1]
+  bv = min(cfg.block_v, V)
+  n_chunks = T // cfg.chunk
+  full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
+  vtile = pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j))
+  state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
+  states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
+  return pl.pallas_call(
+      functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks),
+      grid=(B, H, V // bv),
+      in_specs=[full, vtile, full, state],
+      out_specs=[states, state],
+      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32),
+                 jax.ShapeDtypeStruct((B, H, V, K), f32)],
+      compiler_params=cfg.params(cfg.warps_state),
+      interpret=cfg.interpret,
+      name='wkv6_state_fwd',
+  )(k, v, gi, s0)
+
+
+def _state_bwd(cfg, r, g, gi, do, dsT):
+  B, T, H, K = r.shape
+  V = do.shape[-1]
+  bv = min(cfg.block_v, V)
+  n_chunks = T // cfg.chunk
+  full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
+  vtile = pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j))
+  state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
+  states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
+  return pl.pallas_call(
+      functools.partial(_state_bwd_kernel, cfg=cfg, n_chunks=n_chunks),
+      grid=(B, H, V // bv),
+      in_specs=[full, full, full, vtile, state],
+      out_specs=[states, state],
+      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32),
+                 jax.ShapeDtypeStruct((B, H, V, K), f32)],
+      compiler_params=cfg.params(cfg.warps_state),
+      interpret=cfg.interpret,
+      name='wkv6_state_bwd',
+  )(r, g, gi, do, dsT)
+
+
+def _chunk_specs(cfg, K, V):
+  L = cfg.chunk
+  tile = lambda width: pl.BlockSpec((None, L, None, width), lambda n, b, h: (b, n, h, 0))
+  state = pl.BlockSpec((None, None, None, V, K), lambda n, b, h: (b, h, n, 0, 0))
+  return tile(K), tile(V), state
+
+
+def _out_fwd(cfg, r, k, v, g, gi, h):
+  B, T, H, K = r.shape
+  V = v.shape[-1]
+  tk, tv, state = _chunk_specs(cfg, K, V)
+  return pl.pallas_call(
+      functools.partial(_out_fwd_kernel, cfg=cfg),
+      grid=(T // cfg.chunk, B, H),
+      in_specs=[tk, tk, tv, tk, tk, state],
+      out_specs=tv,
+      out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32),
+      compiler_params=cfg.params(cfg.warps_out),
+      interpret=cfg.interpret,
+      name='wkv6_out_fwd',
+  )(r, k, v, g, gi, h)
+
+
+def _chunk_bwd(cfg, r, k, v, g, gi, do, h, dh):
+  B, T, H, K = r.shape
+  V = v.shape[-1]
+  tk, tv, state = _chunk_specs(cfg, K, V)
+  return pl.pallas_call(
+      functools.partial(_chunk_bwd_kernel, cfg=cfg),
+      grid=(T // cfg.chunk, B, H),
+      in_specs=[tk, tk, tv, tk, tk, tv, state, state],
+      out_specs=[tk, tk, tv, tk],
+      out_shape=[jax.ShapeDtypeStruct((B, T, H, K), f32), jax.ShapeDtypeStruct((B, T, H, K), f32),
+                 jax.ShapeDtypeStruct((B, T, H, V), f32), jax.ShapeDtypeStruct((B, T, H, K), f32)],
+      compiler_params=cfg.params(cfg.warps_bwd),
+      interpret=cfg.interpret,
+      name='wkv6_chunk_bwd',
+  )(r, k, v, g, gi, do, h, dh)
+
+
+# ----------------------------------------------------------------------------- custom VJP
+
+
+def _chunk_cumsum(cfg, g_BxTxHxK):
+  B, T, H, K = g_BxTxHxK.shape
+  L = cfg.chunk
+  return jnp.cumsum(g_BxTxHxK.reshape(B, T // L, L, H, K), axis=2).reshape(B, T, H, K)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _wkv(cfg, r, k, v, g, u, s0):
+  return _wkv_fwd(cfg, r, k, v, g, u, s0)[0]
+
+
+def _bonus(r, k, u):
+  """sum_j r_j u_j k_j per step: [B, T, H, 1] fp32 (the current token's own term)."""
+  return jnp.sum(r.astype(f32) * u * k.astype(f32), axis=-1, keepdims=True)
+
+
+def _wkv_fwd(cfg, r, k, v, g, u, s0):
+  gi = _chunk_cumsum(cfg, g)
+  h, sT = _state_fwd(cfg, k, v, gi, s0)
+  o = _out_fwd(cfg, r, k, v, g, gi, h) + _bonus(r, k, u) * v.astype(f32)
+  return (o, sT), (r, k, v, g, u, gi, h)
+
+
+def _wkv_bwd(cfg, residuals, cotangents):
+  # The bonus terms are added here in fp32 so that bf16 gradients are rounded once.
+  r, k, v, g, u, gi, h = residuals
+  do, dsT = cotangents
+  dh, ds0 = _state_bwd(cfg, r, g, gi, do, dsT)
+  dr, dk, dv, dg = _chunk_bwd(cfg, r, k, v, g, gi, do, h, dh)
+  rf, kf = r.astype(f32), k.astype(f32)
+  do_v = jnp.sum(do * v.astype(f32), axis=-1, keepdims=True)
+  dr += do_v * u * kf
+  dk += do_v * u * rf
+  dv += _bonus(r, k, u) * do
+  du = jnp.sum(do_v * rf * kf, axis=(0, 1))
+  return dr.astype(r.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, du, ds0
+
+
+_wkv.defvjp(_wkv_fwd, _wkv_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=('interpret', 'config'))
+def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *,
+                interpret=None, config=None):
+  """WKV-6 with Pallas kernels. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32).
+
+  r, k, v may be bf16 or fp32 (their gradients come back in the same dtype);
+  decays, states and accumulations are fp32. `interpret` defaults to True on
+  CPU. `config` overrides the tiling (its `exact` and `interpret` fields are
+  set here).
+  """
+  if interpret is None:
+    interpret = jax.default_backend() == 'cpu'
+  B, T, H, _ = r_BxTxHxK.shape
+  exact = all(x.dtype == f32 for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV))
+  # The state kernels are sequential over T: with few sequences * heads, split
+  # V finer so that there are enough programs to fill the GPU.
+  cfg = config or Config(block_v=16 if B * H < 128 else 32)
+  cfg = dataclasses.replace(cfg, exact=exact, interpret=interpret)
+  pad = ((0, 0), (0, -T % cfg.chunk), (0, 0), (0, 0))
+  g = -jnp.exp(w_BxTxHxK.astype(f32))
+  r, k, v, g = (jnp.pad(x, pad) for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g))
+  o, sT = _wkv(cfg, r, k, v, g, u_HxK.astype(f32), s0_BxHxVxK.astype(f32))
+  return o[:, :T], sT

@@ -1,0 +1,161 @@
+"""WKV-6 implementations against an fp64 numpy recurrence with a hand-written backward.
+
+Every run draws fresh inputs (the seed is printed on failure): decays over
+w in [-8, 3] (per-step decay ~1 down to ~1e-9), T not a multiple of the chunk,
+a nonzero initial state (shared over a batch or one per sequence) and random
+cotangents on both y and the final state. CPU runs the Pallas kernels in
+interpret mode; `pytest -m gpu` runs them compiled on a GPU.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.wkv6 import IMPLEMENTATIONS, wkv6, wkv6_reference
+from pallas_kernels.wkv6_chunked import wkv6_chunked
+from pallas_kernels.wkv6_pallas import Config, wkv6_pallas
+
+TOL = {'float32': 1e-4, 'bfloat16': 5e-3}
+NAMES = ('y', 'sT', 'dr', 'dk', 'dv', 'dw', 'du', 'ds0')
+
+on_gpu = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
+
+
+def reference_fp64(r, k, v, w, u, s0_BxHxVxK, dy, dsT):
+  """Forward and backward of the recurrence in fp64. Returns (y, sT, grads)."""
+  r, k, v, w, u, s, dy, dS = (np.asarray(x, np.float64) for x in (r, k, v, w, u, s0_BxHxVxK, dy, dsT))
+  T = r.shape[1]
+  decay = np.exp(-np.exp(w))
+  states, y = [], np.zeros(v.shape)
+  for t in range(T):
+    states.append(s)
+    kv = v[:, t, :, :, None] * k[:, t, :, None, :]
+    y[:, t] = np.einsum('bhvk,bhk->bhv', s + u[:, None, :] * kv, r[:, t])
+    s = s * decay[:, t, :, None, :] + kv
+  dr, dk, dv, dw = (np.zeros_like(x) for x in (r, k, v, w))
+  du = np.zeros_like(u)
+  for t in reversed(range(T)):
+    rt, kt, vt, dyt = r[:, t], k[:, t], v[:, t], dy[:, t]
+    vdy = np.sum(vt * dyt, -1, keepdims=True)
+    dr[:, t] = np.einsum('bhvk,bhv->bhk', states[t], dyt) + u * kt * vdy
+    dk[:, t] = u * rt * vdy + np.einsum('bhvk,bhv->bhk', dS, vt)
+    dv[:, t] = dyt * np.sum(rt * u * kt, -1, keepdims=True) + np.einsum('bhvk,bhk->bhv', dS, kt)
+    du += np.sum(vdy * kt * rt, 0)
+    dw[:, t] = np.sum(dS * states[t], axis=2) * decay[:, t] * -np.exp(w[:, t])
+    dS = dS * decay[:, t, :, None, :] + dyt[..., :, None] * rt[..., None, :]
+  return y, s, (dr, dk, dv, dw, du, dS)
+
+
+def _rel_rms(x, ref):
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+  return float(np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref ** 2), 1e-300)))
+
+
+def check(fn, B, T, H, K, dtype='float32', shared_s0=True):
+  """Runs fn(r, k, v, w, u, s0) forward and backward against the fp64 reference."""
+  seed = int(np.random.SeedSequence().entropy % 2**31)
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  # Round r, k, v to the tested dtype first so the reference sees the same inputs.
+  r, k, v = (np.asarray(jnp.asarray(normal(B, T, H, K), dtype).astype(jnp.float32)) for _ in range(3))
+  w = rng.uniform(-8.0, 3.0, (B, T, H, K)).astype(np.float32)
+  u = normal(H, K)
+  s0 = normal(H, K, K) if shared_s0 else normal(B, H, K, K)
+  dy, dsT = normal(B, T, H, K), normal(B, H, K, K)
+  y, sT, grads = reference_fp64(r, k, v, w, u, np.broadcast_to(s0, (B, H, K, K)), dy, dsT)
+  if shared_s0:
+    grads = grads[:-1] + (grads[-1].sum(0),)
+
+  args = [jnp.asarray(x, dtype) for x in (r, k, v)] + [jnp.asarray(x) for x in (w, u, s0)]
+  (y_out, sT_out), vjp = jax.vjp(fn, *args)
+  outs = (y_out, sT_out) + tuple(vjp((jnp.asarray(dy), jnp.asarray(dsT))))
+  errors = {name: _rel_rms(o, ref) for name, o, ref in zip(NAMES, outs, (y, sT) + grads)}
+  nans = [name for name, o in zip(NAMES, outs) if not np.all(np.isfinite(np.asarray(o, np.float32)))]
+  print(f'seed={seed} {dtype} B={B} T={T} H={H} K={K}: ' + ' '.join(f'{n}={e:.1e}' for n, e in errors.items()))
+  assert not nans, f'non-finite {nans} (seed {seed})'
+  bad = {n: e for n, e in errors.items() if not e <= TOL[dtype]}
+  assert not bad, f'relative RMS error above {TOL[dtype]}: {bad} (seed {seed})'
+
+
+def _via_api(implementation):
+  return functools.partial(wkv6, implementation=implementation)
+
+
+def _pallas(**config):
+  return functools.partial(wkv6_pallas, config=Config(**config) if config else None)
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def test_scan_reference_matches_fp64():
+  check(_via_api('scan'), B=2, T=23, H=2, K=16, shared_s0=False)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('shared_s0', [True, False])
+def test_xla_chunked(dtype, shared_s0):
+  check(_via_api('xla_chunked'), B=3, T=77, H=2, K=64, dtype=dtype, shared_s0=shared_s0)
+
+
+@pytest.mark.parametrize('chunk,sub,T', [(16, 16, 1), (64, 16, 100), (16, 4, 50)])
+def test_xla_chunked_tilings(chunk, sub, T):
+  fn = functools.partial(wkv6_chunked, chunk=chunk, sub=sub)
+  check(lambda r, k, v, w, u, s0: fn(r, k, v, w, u, jnp.broadcast_to(s0, (2,) + s0.shape)), B=2, T=T, H=2, K=32)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_pallas_interpret_via_api(dtype):
+  check(_via_api('pallas'), B=2, T=70, H=2, K=64, dtype=dtype)
+
+
+@pytest.mark.parametrize('chunk,block_v,T', [(32, 16, 45), (16, 32, 20)])
+def test_pallas_interpret_tilings(chunk, block_v, T):
+  fn = _pallas(chunk=chunk, block_v=block_v)
+  check(fn, B=2, T=T, H=2, K=32, shared_s0=False)
+
+
+def test_implementations_listed():
+  assert set(IMPLEMENTATIONS) == {'scan', 'xla_chunked', 'pallas'}
+  with pytest.raises(ValueError):
+    wkv6(*[jnp.zeros((1, 2, 1, 16))] * 4, jnp.zeros((1, 16)), jnp.zeros((1, 16, 16)), implementation='cuda')
+
+
+def test_extreme_decays_stay_finite():
+  """Decays that underflow exp(-exp(w)) and push a chunk's log-decay sum past -exp range.
+
+  The tolerance is loose on purpose: after a step with log-decay -403 the
+  chunk's cumulative sums carry an absolute fp32 error ~eps * 800, which
+  becomes a ~1e-4 relative error on the exp(ge_t - gi_s) of later pairs.
+  """
+  B, T, H, K = 1, 40, 1, 16
+  w = jnp.full((B, T, H, K), 6.0).at[:, ::3].set(-20.0)
+  args = [jnp.ones((B, T, H, K))] * 3 + [w, jnp.ones((H, K)), jnp.ones((H, K, K))]
+  want = wkv6_reference(*args[:5], jnp.broadcast_to(args[5], (B, H, K, K)))
+  for impl in ('xla_chunked', 'pallas'):
+    out, vjp = jax.vjp(_via_api(impl), *args)
+    grads = vjp(out)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads), impl
+    np.testing.assert_allclose(out[0], want[0], rtol=1e-3)
+    np.testing.assert_allclose(out[1], want[1], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('B,T,H', [(2, 1000, 4), (3, 77, 2)])
+@pytest.mark.parametrize('implementation', ['pallas', 'xla_chunked'])
+def test_gpu(implementation, B, T, H, dtype):
+  check(_via_api(implementation), B=B, T=T, H=H, K=64, dtype=dtype, shared_s0=B > 2)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize('chunk,block_v', [(32, 16), (64, 64)])
+def test_gpu_pallas_tilings(chunk, block_v):
+  check(_pallas(chunk=chunk, block_v=block_v), B=2, T=300, H=2, K=64, dtype='bfloat16', shared_s0=False)
