@@ -86,12 +86,14 @@ def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
                          preferred_element_type=jnp.float32)
   xw, xk, xv, xr, xg = (x_BxTxC + xx * (f32(p[f'time_maa_{c}']) + m_5xBxTxC[i]) for i, c in enumerate('wkvrg'))
 
-  heads = lambda y: y.reshape(B, T, H, N)
+  # r, k, v enter the WKV kernel in the weights' dtype (bf16 halves its memory traffic); the
+  # decay and the state stay fp32.
+  heads = lambda y: y.reshape(B, T, H, N).astype(p['receptance']['weight'].dtype)
   r = heads(linear(xr, p['receptance']['weight']))
   k = heads(linear(xk, p['key']['weight']))
   v = heads(linear(xv, p['value']['weight']))
   g = jax.nn.silu(linear(xg, p['gate']['weight']))
-  w = heads(f32(p['time_decay']) + dot(jnp.tanh(dot(xw, p['time_decay_w1'])), p['time_decay_w2']))
+  w = (f32(p['time_decay']) + dot(jnp.tanh(dot(xw, p['time_decay_w1'])), p['time_decay_w2'])).reshape(B, T, H, N)
   y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(p['time_faaaa']), wkv_state, implementation=implementation)
 
   mean = y_BxTxHxN.mean(-1, keepdims=True)
