@@ -146,6 +146,29 @@ def load_train_checkpoint(proj: pathlib.Path, train_state):
   return tree['train_state'], json.loads((directory / 'meta.json').read_text())
 
 
+def open_step_log(path: pathlib.Path, start_step: int):
+  """(losses of steps 1..start_step, the log open for appending), dropping steps past the checkpoint.
+
+  A run killed after its last checkpoint logged steps that the resumed run will take again.
+  """
+  kept = path.read_text().splitlines()[:start_step] if start_step and path.exists() else []
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(''.join(line + '\n' for line in kept))
+  os.replace(tmp, path)
+  return [json.loads(line)['loss'] for line in kept], open(path, 'a')
+
+
+def print_next_steps(args, losses, state_path: pathlib.Path, steps_per_epoch: int) -> None:
+  print(f'\ndone: loss {losses[0]:.3f} -> {np.mean(losses[-max(steps_per_epoch // 2, 1):]):.3f}; '
+        f'state in {state_path}, curve in {state_path.parent / "loss.png"}\n'
+        f'next:\n'
+        f'  try it:        python -m rwkv_jax.generate --ckpt {args.ckpt} --state {state_path} --prompt "User: hi"\n'
+        f'  RWKV Runner:   copy {state_path.name} into state-models/ and pick it under Configs\n'
+        f'  Ai00:          python -m convert export-state {state_path} --format ai00 --ckpt {args.ckpt} '
+        f'--out {state_path.stem}.state\n'
+        f'  a real model:  python train_state.py --ckpt RWKV-x060-World-1B6.pth --data your.jsonl')
+
+
 def plot_loss(proj: pathlib.Path, losses: list[float]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -177,9 +200,6 @@ def main(argv):
   global_bsz = args.micro_bsz * devices * accumulate
   epoch_steps = args.epoch_steps or max(tokens.num_docs // (args.micro_bsz * devices), 1)
   steps_per_epoch = max(epoch_steps // (devices * accumulate), 1)  # optimizer steps, as RWKV-PEFT counts them
-  seed = args.random_seed if args.random_seed >= 0 else int(np.random.SeedSequence().entropy % 2**31)
-  sampler = data.Sampler(tokens, args.ctx_len, global_bsz, args.dataload, epoch_steps=steps_per_epoch, seed=seed,
-                         shuffle=bool(args.data_shuffle), loss_mask=args.loss_mask)
 
   att = params['blocks']['att']
   merged_state = att.pop('time_state', None)  # continue from a merged state, as RWKV-PEFT does
@@ -198,14 +218,16 @@ def main(argv):
   lr = train.schedule(args.lr_schedule, args.lr_init, args.lr_final, args.warmup_steps, total_steps)
   opt = train.optimizer(lr, args.beta1, args.beta2, args.adam_eps)
   train_state = train.init_train_state(cfg, opt, merged_state)
-  start_step, log_mode = 0, 'w'
+  start_step = 0
+  seed = args.random_seed if args.random_seed >= 0 else int(np.random.SeedSequence().entropy % 2**31)
   if args.resume:
     train_state, meta = load_train_checkpoint(proj, train_state)
-    start_step, seed, log_mode = int(meta['step']), int(meta['seed']), 'a'
-    sampler.seed = seed
+    start_step, seed = int(meta['step']), int(meta['seed'])
     if meta['total_steps'] != total_steps:
       raise UserError(f'--resume: the saved run has {meta["total_steps"]} steps in all, these flags give '
                       f'{total_steps}; resume with the same --epoch_steps/--epoch_count/--micro_bsz')
+  sampler = data.Sampler(tokens, args.ctx_len, global_bsz, args.dataload, epoch_steps=steps_per_epoch, seed=seed,
+                         shuffle=bool(args.data_shuffle), loss_mask=args.loss_mask)
   train_state = jax.device_put(train_state, replicated)
   if args.eval_data:
     eval_sampler = evaluate.eval_sampler(data.load_data(args.eval_data, None, cfg.vocab_size), args.ctx_len,
@@ -222,10 +244,7 @@ def main(argv):
   with open(proj / 'train_log.txt', 'a') as log:
     log.write(f'NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}{" (resumed)" if args.resume else ""}\n'
               f'{vars(args)}\n')
-  losses = []
-  if args.resume and (proj / 'loss_data.jsonl').exists():
-    losses = [json.loads(line)['loss'] for line in (proj / 'loss_data.jsonl').read_text().splitlines()][:start_step]
-  step_log = open(proj / 'loss_data.jsonl', log_mode)
+  losses, step_log = open_step_log(proj / 'loss_data.jsonl', start_step)
 
   def save_state(name, state):
     state_io.write_state(proj / name, np.asarray(state.init_state.wkv))
@@ -292,13 +311,7 @@ def main(argv):
     plot_loss(proj, losses)
   final = sorted(proj.glob('rwkv-[0-9]*.pth'), key=lambda p: int(p.stem.split('-')[1]))
   if step >= total_steps and final:
-    print(f'\ndone: loss {losses[0]:.3f} -> {np.mean(losses[-max(steps_per_epoch // 2, 1):]):.3f}; '
-          f'state in {final[-1]}, curve in {proj / "loss.png"}\n'
-          f'next:\n'
-          f'  try it:        python -m rwkv_jax.generate --ckpt {args.ckpt} --state {final[-1]} --prompt "User: hi"\n'
-          f'  RWKV Runner:   copy {final[-1].name} into state-models/ and pick it under Configs\n'
-          f'  Ai00:          python -m convert export-state {final[-1]} --format ai00 --out {final[-1].stem}.st\n'
-          f'  a real model:  python train_state.py --ckpt RWKV-x060-World-1B6.pth --data your.jsonl')
+    print_next_steps(args, losses, final[-1], steps_per_epoch)
 
 
 if __name__ == '__main__':

@@ -72,7 +72,9 @@ def test_step_by_step_and_chunked_feeding_equal_the_whole_sequence(tiny_model, t
   scale = np.abs(np.asarray(whole_logits[-1])).max()
   assert np.abs(step_logits - whole_logits[-1]).max() < 2e-4 * scale
   assert np.abs(chunked_logits - whole_logits[-1]).max() < 2e-4 * scale
-  np.testing.assert_allclose(state.wkv, whole_state.wkv, rtol=1e-4, atol=1e-5)
+  # One token at a time runs the sequential recurrence, a whole sequence the chunked form: two fp32
+  # summation orders, which differ by ~1e-6 of the state's largest entry (seen up to 1.7e-6).
+  np.testing.assert_allclose(state.wkv, whole_state.wkv, rtol=0, atol=1e-5 * np.abs(whole_state.wkv).max())
 
 
 def test_prompt_chunks_are_powers_of_two():

@@ -75,7 +75,9 @@ def test_token_by_token_equals_whole_sequence(write_checkpoint):
     logits, state = ours.forward(tokens[:, t:t + 1], state)
     steps.append(logits[:, 0])
   assert_logits_close(jnp.stack(steps, axis=1), whole)
-  np.testing.assert_allclose(state.wkv, whole_state.wkv, rtol=1e-4, atol=1e-5)
+  # One token at a time runs the sequential recurrence, a whole sequence the chunked form: two fp32
+  # summation orders, which differ by ~1e-6 of the state's largest entry (seen up to 1.7e-6).
+  np.testing.assert_allclose(state.wkv, whole_state.wkv, rtol=0, atol=1e-5 * np.abs(whole_state.wkv).max())
 
 
 @pytest.mark.parametrize('dtype', [ml_dtypes.bfloat16, np.float16], ids=['bf16', 'fp16'])
