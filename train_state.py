@@ -117,15 +117,18 @@ def cast_params(params, precision: str):
   return jax.tree.map(lambda p: np.asarray(p).astype(dtype), params)
 
 
+TRAIN_TREE_DIR = 'tree'  # the orbax tree of the whole TrainState, inside checkpoint/
+
+
 def save_train_checkpoint(proj: pathlib.Path, train_state, meta: dict) -> None:
   """Writes checkpoint/ so that a kill at any moment leaves a complete one (new or previous)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   final, tmp, old = proj / CHECKPOINT_DIR, proj / f'{CHECKPOINT_DIR}.tmp', proj / f'{CHECKPOINT_DIR}.old'
   shutil.rmtree(tmp, ignore_errors=True)
   tmp.mkdir(parents=True)
-  tree = {'state': train_state.init_state.wkv, 'train_state': train_state}
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp.absolute() / state_io.TRAIN_TREE_DIR, tree)
+    checkpointer.save(tmp.absolute() / TRAIN_TREE_DIR, train_state)
+  np.save(tmp / state_io.TRAIN_STATE_FILE, np.asarray(train_state.init_state.wkv))  # for export tools
   (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
   if final.exists():
     shutil.rmtree(old, ignore_errors=True)
@@ -135,15 +138,16 @@ def save_train_checkpoint(proj: pathlib.Path, train_state, meta: dict) -> None:
 
 
 def load_train_checkpoint(proj: pathlib.Path, train_state):
+  """Restores onto one device whatever device layout the run was saved from."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = next((d for d in (proj / CHECKPOINT_DIR, proj / f'{CHECKPOINT_DIR}.old') if d.is_dir()), None)
   if directory is None:
     raise UserError(f'--resume: no {CHECKPOINT_DIR}/ in {proj}; start without --resume')
-  target = {'state': train_state.init_state.wkv, 'train_state': train_state}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), train_state)
   with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(directory.absolute() / state_io.TRAIN_TREE_DIR, abstract)
-  return tree['train_state'], json.loads((directory / 'meta.json').read_text())
+    restored = checkpointer.restore(directory.absolute() / TRAIN_TREE_DIR, abstract)
+  return restored, json.loads((directory / 'meta.json').read_text())
 
 
 def open_step_log(path: pathlib.Path, start_step: int):

@@ -41,17 +41,19 @@ def check_fits(state_LxHxVxK: np.ndarray, cfg: RWKVConfig, source: str) -> None:
                     f'(width {cfg.n_embd}): it was trained on another base model')
 
 
-TRAIN_TREE_DIR = 'tree'  # Inside a trainer checkpoint directory: the orbax tree holding 'state'.
+TRAIN_STATE_FILE = 'state.npy'  # In a trainer checkpoint directory: the fp32 master state [L, H, V, K].
 
 
 def read_train_checkpoint_state(directory) -> np.ndarray:
-  """The trained state [L, H, V, K] from a trainer checkpoint directory (`proj_dir/checkpoint`)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  tree_dir = pathlib.Path(directory).absolute() / TRAIN_TREE_DIR
-  if not tree_dir.is_dir():
-    raise UserError(f'{directory} is neither a state .pth nor a trainer checkpoint directory (no {TRAIN_TREE_DIR}/)')
-  with ocp.StandardCheckpointer() as checkpointer:
-    return np.asarray(checkpointer.restore(tree_dir)['state'], np.float32)
+  """The trained state [L, H, V, K] from a trainer checkpoint directory (`proj_dir/checkpoint`).
+
+  A plain .npy beside the orbax tree, so reading it needs no device layout (a run on several
+  GPUs saves a sharded tree that a one-device process could not restore as it is).
+  """
+  path = pathlib.Path(directory) / TRAIN_STATE_FILE
+  if not path.is_file():
+    raise UserError(f'{directory} is neither a state .pth nor a trainer checkpoint directory (no {TRAIN_STATE_FILE})')
+  return np.load(path)
 
 
 def read_state(path, cfg: RWKVConfig | None = None) -> np.ndarray:

@@ -30,3 +30,14 @@ def rwkv_package_model(path):
   from rwkv.model import RWKV  # pylint: disable=g-import-not-at-top
   with contextlib.redirect_stdout(io.StringIO()):  # It prints a table of every tensor.
     return RWKV(model=str(path), strategy='cpu fp32')
+
+
+def assert_one_line_error(returncode, stderr, *fragments):
+  """A user error: exit 2, no traceback, one `error: ...` line, the last on stderr (progress bars
+  may come before it), naming every fragment."""
+  assert returncode == 2, stderr
+  assert 'Traceback' not in stderr, stderr
+  errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]

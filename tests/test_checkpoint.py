@@ -12,20 +12,11 @@ import rwkv_jax
 from rwkv_jax import checkpoint, synthetic
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
+from tests.conftest import assert_one_line_error
 
 
 def run_cli(*args, cwd=None):
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_one_line_error(result, *fragments):
-  assert result.returncode == 2, result.stderr
-  assert 'Traceback' not in result.stderr, result.stderr
-  # Progress bars may precede it on stderr; the error is the single last line.
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
-  for fragment in fragments:
-    assert fragment in errors[0], errors[0]
 
 
 @pytest.mark.parametrize('dtype', [ml_dtypes.bfloat16, np.float16, np.float32], ids=['bf16', 'fp16', 'fp32'])
@@ -90,7 +81,8 @@ def test_bad_model_files_are_refused_in_one_line(tmp_path, case):
     make(path, synthetic.random_checkpoint(synthetic.TINY, seed=1))
   with pytest.raises(UserError, match=re.escape(message)):
     rwkv_jax.load(path)
-  assert_one_line_error(run_cli('-m', 'convert', 'to-flax', str(path), str(tmp_path / 'out')), message)
+  result = run_cli('-m', 'convert', 'to-flax', str(path), str(tmp_path / 'out'))
+  assert_one_line_error(result.returncode, result.stderr, message)
 
 
 def test_state_files_are_checked_against_the_model(write_checkpoint, tmp_path):

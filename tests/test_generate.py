@@ -10,6 +10,7 @@ import pytest
 import rwkv_jax
 from rwkv_jax import checkpoint, cli, data, evaluate, generate, model, state_io, synthetic, tokenizer
 from rwkv_jax.config import RWKVConfig
+from tests.conftest import assert_one_line_error
 
 CFG = synthetic.TINY
 
@@ -156,16 +157,6 @@ def test_command_lines_end_to_end(files):
   assert evaluate.BASE_LABEL in eval_out and 'rwkv-0.pth' in eval_out and 'ppl' in eval_out
 
 
-def assert_one_line_error(result, *fragments):
-  returncode, _, stderr = result
-  assert returncode == 2, stderr
-  assert 'Traceback' not in stderr, stderr
-  lines = stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: '), stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.mark.parametrize('module, argv, fragments', [
     (generate, ['--ckpt', 'missing.pth', '--prompt', 'hi'], ('missing.pth', 'no such file')),
     (generate, ['--ckpt', 'MODEL'], ('--prompt is required',)),
@@ -178,4 +169,4 @@ def test_bad_input_is_one_line(files, capsys, module, argv, fragments):
   names = {'MODEL': files['model'], 'DATA': files['data'], 'OTHER': files['other_state']}
   with pytest.raises(SystemExit) as exit_info:
     cli.run(module.main, [str(names.get(a, a)) for a in argv])
-  assert_one_line_error((exit_info.value.code, None, capsys.readouterr().err), *fragments)
+  assert_one_line_error(exit_info.value.code, capsys.readouterr().err, *fragments)

@@ -19,7 +19,7 @@ import rwkv_jax
 from convert.__main__ import main as convert_main
 from rwkv_jax import checkpoint, cli, state_io, synthetic
 from rwkv_jax.config import RWKVConfig
-from tests.conftest import rwkv_package_model
+from tests.conftest import assert_one_line_error, rwkv_package_model
 
 TOLERANCE = 2e-4  # of the largest logit, fp32 model
 CFG = synthetic.TINY
@@ -138,16 +138,6 @@ def run_cli_here(argv, capsys):
   return exit_info.value.code, captured.out, captured.err
 
 
-def assert_one_line_error(result, *fragments):
-  returncode, _, stderr = result
-  assert returncode == 2, stderr
-  assert 'Traceback' not in stderr, stderr
-  lines = stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: '), stderr
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-
-
 @pytest.fixture
 def bad_states(tmp_path):
   """State files Runner or the model would refuse, by what is wrong with them."""
@@ -165,8 +155,8 @@ def test_refusals_from_a_fresh_interpreter(files, bad_states, tmp_path):
   export_result, merge_result = run_cli_subprocesses(
       ['export-state', bad_states['three_layers'], '--out', out, '--ckpt', files['model.pth']],
       ['merge', '--ckpt', files['model.pth'], '--state', files['rwkv-0.pth'], '--out', files['model.pth']])
-  assert_one_line_error(export_result, 'three_layers.pth', '3 layers', '2 layers')
-  assert_one_line_error(merge_result, 'also an input')
+  assert_one_line_error(export_result[0], export_result[2], 'three_layers.pth', '3 layers', '2 layers')
+  assert_one_line_error(merge_result[0], merge_result[2], 'also an input')
   assert not out.exists()
 
 
@@ -185,7 +175,8 @@ def test_every_refusal_is_one_line(files, bad_states, tmp_path, capsys):
       (['export-state', tmp_path / 'missing.pth', '--out', out], ('missing.pth', 'no such file')),
   ]
   for argv, fragments in cases:
-    assert_one_line_error(run_cli_here(argv, capsys), *fragments)
+    returncode, _, stderr = run_cli_here(argv, capsys)
+    assert_one_line_error(returncode, stderr, *fragments)
   assert not out.exists()
 
 

@@ -3,6 +3,7 @@ a resumed run equals an uninterrupted one, and bad input ends in one clear line.
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_jax import checkpoint, data, synthetic, train
-from tests.test_checkpoint import assert_one_line_error
+import train_state
+from rwkv_jax import checkpoint, cli, data, state_io, synthetic, train
+from tests.conftest import assert_one_line_error
 
 TRAIN = [sys.executable, 'train_state.py']
 
@@ -147,7 +149,7 @@ def test_rwkv_peft_command_line_runs_unchanged(write_checkpoint, jsonl_data, tmp
   assert (tmp_path / 'out' / 'rwkv-0.pth').exists() and (tmp_path / 'out' / 'train_log.txt').exists()
 
 
-def test_bad_input_ends_in_one_line(write_checkpoint, jsonl_data, tmp_path):
+def test_bad_input_ends_in_one_line(write_checkpoint, jsonl_data, tmp_path, capsys):
   model = write_checkpoint()
   base = ['--ckpt', model, '--data', jsonl_data, '--ctx_len', 16, '--proj_dir', tmp_path / 'o']
   cases = [
@@ -158,9 +160,33 @@ def test_bad_input_ends_in_one_line(write_checkpoint, jsonl_data, tmp_path):
       ([*base, '--train_type', 'lora'], 'tunes states only'),
       ([*base, '--micro_bsz', 8, '--epoch_steps', 100], 'document'),
       ([*base, '--resume'], 'no checkpoint/'),
+      ([*base, '--devices', 64], '--devices 64'),
   ]
   for args, message in cases:
-    assert_one_line_error(run_train(*args), message)
+    with pytest.raises(SystemExit) as exit_info:
+      cli.run(train_state.main, [str(a) for a in args])
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, message)
+
+
+def test_data_parallel_over_two_devices_equals_one_device(write_checkpoint, jsonl_data, tmp_path):
+  """--devices 2 splits each global batch; the states match one device taking the whole batch."""
+  model = write_checkpoint(seed=6)
+  common = ['--ckpt', model, '--data', jsonl_data, '--ctx_len', 24, '--epoch_count', 1, '--random_seed', 3,
+            '--precision', 'fp32']
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  runs = {'two': ['--devices', 2, '--micro_bsz', 1, '--epoch_steps', 8],
+          'one': ['--devices', 1, '--micro_bsz', 2, '--epoch_steps', 4]}
+  for name, flags in runs.items():
+    result = subprocess.run([*TRAIN, *map(str, common + flags), '--proj_dir', str(tmp_path / name)],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+  two, one = (state_io.read_state(tmp_path / name / 'checkpoint') for name in runs)
+  assert np.abs(one).max() > 0.1
+  # The gradient is summed over the devices in another order: fp32 rounding. Adam divides each
+  # entry's step by its own gradient scale, so an entry whose gradient is near zero can move by
+  # rounding noise (one in 16384 moved 4e-4 of the largest entry): compare the relative RMS.
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert rms(two - one) / rms(one) < 1e-4, rms(two - one) / rms(one)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_state(write_checkpoint, jsonl_data, tmp_path):
@@ -169,6 +195,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(write_checkpoint, jsonl_da
   result = run_train('--ckpt', write_checkpoint(), '--data', jsonl_data, '--ctx_len', 16, '--micro_bsz', 2,
                      '--lr_init', 3e38, '--warmup_steps', 0, '--proj_dir', tmp_path / 'o', '--epoch_count', 1,
                      '--epoch_steps', 6)
-  assert_one_line_error(result, 'loss became')
+  assert_one_line_error(result.returncode, result.stderr, 'loss became')
   saved = torch.load(tmp_path / 'o' / 'rwkv-last-good.pth', weights_only=True)
   assert all(torch.isfinite(t.float()).all() for t in saved.values())
