@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/wkv6_out}"
 mkdir -p "$OUT"
 status=0
+# fla (the peer) comes as wheels carried in .whl/ (see bench/gpu_train_step.sh); note that its
+# Triton autotuning takes minutes on a fresh machine.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
