@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
   add = p.add_argument
   add('--ckpt', '--load_model', dest='ckpt', help='base model: an RWKV-6 .pth or a `convert to-flax` directory')
   add('--data', '--data_file', dest='data', help='training data: a .jsonl, a binidx prefix, or a UTF-8 text file')
-  add('--data_type', choices=data.DATA_TYPES + ('utf8', 'text'), help='binidx | jsonl | utf-8 (default: from the path)')
+  add('--data_type', choices=data.DATA_TYPES, help='binidx | jsonl | utf-8 (default: from the path)')
   add('--proj_dir', default='out', help='where states, logs and the resume checkpoint go (default: out)')
   add('--demo', action='store_true', help='train on a tiny random model and the bundled dataset')
   add('--ctx_len', type=int, default=512, help='tokens per sample (default 512: short contexts tune states best)')
@@ -193,7 +193,6 @@ def main(argv):
     prepare_demo(args)
   if not args.ckpt or not args.data:
     raise UserError('give --ckpt MODEL.pth and --data DATA (or --load_model / --data_file), or try --demo')
-  args.data_type = {'utf8': 'utf-8', 'text': 'utf-8'}.get(args.data_type, args.data_type)
   params, cfg = checkpoint.load_params(args.ckpt)
   check_args(args, cfg)
   proj = pathlib.Path(args.proj_dir)
