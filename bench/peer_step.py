@@ -209,8 +209,8 @@ def check_loss(seed=0):
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
   init_state = model.zero_state(cfg)._replace(wkv=jax.numpy.asarray(state_LxHxVxK))
-  grad_fn = jax.value_and_grad(train.loss_fn, has_aux=True)
-  (ours, _), grads = grad_fn(init_state, ckpt.params_from_tensors(tensors, cfg), cfg, inputs, targets, 'scan')
+  grad_fn = jax.value_and_grad(train.loss_fn)
+  ours, grads = grad_fn(init_state, ckpt.params_from_tensors(tensors, cfg), cfg, inputs, targets, 'scan')
 
   weights = {k: torch.from_numpy(v) for k, v in tensors.items()}
   states = [torch.tensor(s, requires_grad=True) for s in state_LxHxVxK]

@@ -134,8 +134,8 @@ def tree_layout(cfg: RWKVConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, 
 
 
 def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
-  """bf16 random params on the device; quantized matrices are drawn and quantized a layer at a time,
-  so a dense copy of the model never exists (it would set the process's peak memory)."""
+  """bf16 random params on the device, drawn a layer at a time (quantized matrices quantized a layer
+  at a time), so no fp32 or dense copy of the model ever exists: it would set the process's peak."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rwkv_jax import quant, synthetic  # pylint: disable=g-import-not-at-top
@@ -144,16 +144,25 @@ def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
   def draw(name, shape, key):
     return synthetic.random_tensor(name, shape, JaxRng(key)).astype(jnp.bfloat16)
 
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def draw_layers(name, shape, key):  # a layer at a time: no fp32 temporary of the whole stack
+    return jax.lax.map(lambda k: draw(name, shape[1:], k), jax.random.split(key, shape[0]))
+
+  @functools.partial(jax.jit, static_argnums=(0, 1, 3))
+  def draw_quantized(name, shape, key, mode):  # likewise: never a dense layer stack, nor a list of layers
+    return jax.lax.map(lambda k: quant.quantize(draw(name, shape[1:], k), mode), jax.random.split(key, shape[0]))
+
   quantized = {('blocks', group, name, 'weight') for group, name in quant.MATRICES}
+  vocab = {('emb', 'weight'), ('head', 'weight')}  # int8 in both modes, as quant.quantize_params does
   params, root = {}, jax.random.key(seed)
   for i, (path, (name, shape)) in enumerate(tree_layout(cfg).items()):
     key = jax.random.fold_in(root, i)
     if quant_mode != 'none' and path in quantized:
-      layers = [quant.quantize(draw(name, shape[1:], jax.random.fold_in(key, l)), quant_mode)
-                for l in range(shape[0])]
-      value = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+      value = draw_quantized(name, shape, key, quant_mode)
+    elif quant_mode != 'none' and path in vocab:
+      value = quant.quantize(draw(name, shape, key), 'int8')
     else:
-      value = draw(name, shape, key)
+      value = (draw_layers if path[0] == 'blocks' else draw)(name, shape, key)
     node = params
     for part in path[:-1]:
       node = node.setdefault(part, {})
@@ -161,14 +170,17 @@ def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
   return params
 
 
-def check_layout(cfg: RWKVConfig) -> None:
-  """The device-drawn tree must match what the trainer loads from a .pth (checked at tiny size)."""
+def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
+  """The device-drawn tree must match what the trainer loads from a .pth and quantizes (at tiny size)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from rwkv_jax import checkpoint, synthetic  # pylint: disable=g-import-not-at-top
-  loaded = checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg), cfg)
-  drawn = jax.eval_shape(lambda: random_params(cfg, 'none'))
-  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors'
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import checkpoint, quant, synthetic  # pylint: disable=g-import-not-at-top
+  tensors = synthetic.random_checkpoint(cfg, dtype=jnp.bfloat16)
+  loaded = quant.quantize_params(checkpoint.params_from_tensors(tensors, cfg), quant_mode)
+  drawn = jax.eval_shape(lambda: random_params(cfg, quant_mode))
+  shapes = lambda tree: {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype))
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors + quantize_params'
 
 
 def jax_worker(case: Case, implementation: str | None) -> dict:
@@ -177,7 +189,7 @@ def jax_worker(case: Case, implementation: str | None) -> dict:
   from rwkv_jax import train  # pylint: disable=g-import-not-at-top
   cfg = MODELS[case.model]
   if case.model == 'tiny':
-    check_layout(cfg)
+    check_layout(cfg, case.quant)
   params = random_params(cfg, case.quant)
   tokens = jax.random.randint(jax.random.key(1), (1, case.micro_bsz, case.ctx_len + 1), 0, cfg.vocab_size)
   inputs, targets = tokens[..., :-1], tokens[..., 1:]

@@ -9,8 +9,8 @@ state; gradients of all six inputs. fla's chunk_rwkv6 gets the same tensors
   python bench/wkv6.py --registers [SM ...]   # needs triton, not a GPU
 
 Writes wkv6_<card>_<date>.json and .md into each --out directory (default
-bench/results) and prints the table. --sweep also times pallas tilings at the
-first shape.
+bench/results) and prints the table. --sweep also times pallas tilings at each
+shape.
 """
 import argparse
 import dataclasses
@@ -126,14 +126,35 @@ def _table(results):
   return '\n'.join(lines)
 
 
+SWEEP_VARIANTS = ({}, dict(diag='rows'), dict(dots='tf32'), dict(chunk=64), dict(block_v=16), dict(block_v=64),
+                  dict(warps_bwd=8), dict(warps_out=8), dict(stages=3))
+
+
+def worst_error(op, B=2, T=300, H=4, K=64):
+  """(largest relative RMS error, which output) of op's outputs and gradients against the fp32 scan,
+  with bf16 r, k, v and w over [-8, 3] as in tests/test_wkv6.py."""
+  rng = np.random.default_rng(1)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  args = [normal(B, T, H, K).astype(jnp.bfloat16) for _ in range(3)]
+  args += [jnp.asarray(rng.uniform(-8.0, 3.0, (B, T, H, K)), jnp.float32), normal(H, K), normal(H, K, K)]
+  cts = (normal(B, T, H, K), normal(B, H, K, K))
+  f32_args = [x.astype(jnp.float32) for x in args]
+  reference = lambda r, k, v, w, u, s0: wkv6(r, k, v, w, u, s0, implementation='scan')
+  (want, want_vjp), (got, got_vjp) = (jax.vjp(f, *a) for f, a in ((reference, f32_args), (op, args)))
+  errors = {}
+  for name, x, ref in zip(('y', 'sT', 'dr', 'dk', 'dv', 'dw', 'du', 'ds0'), got + got_vjp(cts), want + want_vjp(cts)):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    errors[name] = float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2)))
+  name = max(errors, key=errors.get)
+  return errors[name], name
+
+
 def sweep(shape, reps, budget_s):
-  """Times pallas tilings at one shape, one knob at a time (for tuning Config's defaults)."""
-  print(f'pallas tilings at {shape} (fwd ms, fwd+bwd ms):')
+  """Times pallas configurations at one shape and checks each one's error (for tuning Config's defaults)."""
+  print(f'pallas configurations at {shape}: fwd ms, fwd+bwd ms, worst relative RMS error (bf16 inputs)')
   t0 = time.perf_counter()
-  base = Config(block_v=16)
-  variants = [{}, dict(block_v=32), dict(block_v=64), dict(chunk=32), dict(warps_out=8),
-              dict(warps_bwd=4), dict(warps_state=2), dict(stages=1), dict(stages=3), dict(dots='tf32')]
-  for change in variants:
+  base = Config(block_v=16 if shape[0] * shape[2] < 128 else 32)  # wkv6_pallas's choice
+  for change in SWEEP_VARIANTS:
     if time.perf_counter() - t0 > budget_s:
       print(f'  sweep stopped after {budget_s} s')
       break
@@ -142,7 +163,8 @@ def sweep(shape, reps, budget_s):
         r, k, v, w, u, jnp.broadcast_to(s0, (r.shape[0],) + s0.shape), config=cfg)
     try:
       fwd, fb = bench_jax('pallas', shape, reps, op=op)
-      print(f'  {change or "default"}: {fwd:.3f} {fb:.3f}', flush=True)
+      error, name = worst_error(op)
+      print(f'  {change or "default"}: {fwd:.3f} {fb:.3f} {error:.1e} ({name})', flush=True)
     except Exception as e:  # pylint: disable=broad-except
       print(f'  {change}: failed: {type(e).__name__}: {str(e)[:200]}', flush=True)
 
@@ -204,7 +226,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--out', nargs='+', default=['bench/results'], help='output directories')
   parser.add_argument('--reps', type=int, default=20)
-  parser.add_argument('--sweep', action='store_true', help='also time pallas tilings at the first shape')
+  parser.add_argument('--sweep', action='store_true', help='also time pallas tilings at every shape')
+  parser.add_argument('--impls', default='pallas,xla_chunked,scan,fla', help='comma-separated subset to time')
   parser.add_argument('--sweep-seconds', type=float, default=90.0, help='time box of --sweep')
   parser.add_argument('--shapes', nargs='+', default=[','.join(map(str, s)) for s in SHAPES],
                       help='B,T,H,K ... (default: the three published shapes)')
@@ -223,7 +246,7 @@ def main():
   results = []
   for shape in shapes:
     B, T, H, K = shape
-    for impl in ('pallas', 'xla_chunked', 'scan', 'fla'):
+    for impl in args.impls.split(','):
       fwd = fwd_bwd = None
       try:
         if impl == 'fla':
@@ -238,7 +261,8 @@ def main():
       write_results(args.out, stem, dict(card=card, date=date, versions=_versions(), results=results))
   print(_table(results))
   if args.sweep:
-    sweep(shapes[0], max(5, args.reps // 2), args.sweep_seconds)
+    for shape in shapes:
+      sweep(shape, max(5, args.reps // 2), args.sweep_seconds / len(shapes))
 
 
 if __name__ == '__main__':

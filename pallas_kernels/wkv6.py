@@ -48,10 +48,11 @@ def wkv6_reference(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK
 IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
 
 
-# Measured on an H100 (bench/results/wkv6_*_2026-11-28): forward+backward, pallas 0.98 ms vs
-# xla_chunked 1.34 ms at (B,T,H) = (1,1024,32), but 3.38 vs 2.52 ms at (8,512,32): the Pallas
-# backward is latency-bound and wins small problems, XLA's batched dots win large ones.
-PALLAS_MAX_HEAD_TOKENS = 65536  # B * T * H up to which the Pallas kernel is the faster
+# Measured on an H100 (bench/wkv6.py, 2026-11-28): forward+backward, pallas 0.67 ms vs xla_chunked
+# 1.28 ms at (B,T,H) = (1,1024,32) and 2.10 vs 2.53 ms at (8,512,32), but about 48 vs 37 ms at
+# (8,4096,64): the Pallas backward is latency-bound and wins small problems, XLA's batched dots
+# win large ones. Between 131072 and 2097152 head-tokens the crossover is not measured.
+PALLAS_MAX_HEAD_TOKENS = 262144  # B * T * H up to which the Pallas kernel is the faster
 
 
 def default_implementation(B: int = 1, T: int = 1, H: int = 1) -> str:

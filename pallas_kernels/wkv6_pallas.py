@@ -15,10 +15,11 @@ chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
                  S <- S * exp(G) + v^T (k * exp(G - gi))
   chunk kernel  (grid chunks x B x H, fully parallel): per 16-row sub-chunk,
                  o = (r * exp(ge)) S^T + A v, with A split at a reference point
-                 for each earlier sub-chunk (two 16-row dots) and pairwise
-                 exponentials on the diagonal sub-chunk (a loop over its key
-                 rows). Loops rather than unrolling, and [16, K] tiles rather
-                 than [C, C, K] blocks, keep the kernels inside the register file.
+                 for each earlier sub-chunk (two 16-row dots); the diagonal
+                 sub-chunk is split the same way where its decay span allows,
+                 else takes pairwise exponentials a key row at a time (DOT_SPAN).
+                 Loops rather than unrolling, and [16, K] tiles rather than
+                 [C, C, K] blocks, keep the kernels inside the register file.
   backward      the same two shapes: a reverse state kernel carries dS (its
                  final value is d s0) and stores each chunk's end-state gradient;
                  a parallel chunk kernel recomputes A from the stored states and
@@ -45,16 +46,25 @@ f32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Static kernel configuration (hashable: it is a custom_vjp nondiff argument)."""
-  chunk: int = 64           # T-block of the parallel kernels; multiple of `sub`
+  """Static kernel configuration (hashable: it is a custom_vjp nondiff argument).
+
+  Defaults from bench/wkv6.py --sweep on an H100 (2026-11-28,
+  bench/results/wkv6_sweep_*), fwd+bwd at (1,1024,32,64) / (8,512,32,64):
+  chunk 64, 8 backward warps, row-loop diagonal 0.95 / 3.46 ms; chunk 32 and
+  4 warps 0.69 / 2.32 ms; plus the dot-form diagonal 0.67 / 2.10 ms. Plain
+  TF32 dots would reach 0.43 / 1.31 ms but put the decay gradient at 8.4e-3
+  relative RMS, over the 5e-3 bound for bf16 inputs.
+  """
+  chunk: int = 32           # T-block of the parallel kernels; multiple of `sub`
   sub: int = 16             # rows of a sub-chunk (pairwise exps inside; Triton dots need >= 16)
   block_v: int = 32         # V-tile of the sequential state kernels (more tiles, more programs)
   exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
   dots: str = 'tf32x3'      # dots for bf16 inputs: 'tf32x3', 'tf32' or 'ieee'
+  diag: str = 'auto'        # diagonal sub-chunk: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
   interpret: bool = False
   warps_state: int = 4
   warps_out: int = 4
-  warps_bwd: int = 8        # the backward chunk kernel spills at 4 warps (ptxas, sm_90)
+  warps_bwd: int = 4        # ptxas reports spills at 4 warps, yet it is faster than 8
   stages: int = 2
 
   def params(self, warps):
@@ -81,47 +91,91 @@ def _masked_exp(mask, x):
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def _diagonal_fwd(r_ref, k_ref, v_ref, gi_ref, base, r, ge, o):
-  """Adds the causal in-sub-chunk term sum_{s<t} A[t,s] v_s to o.
-
-  One key row s per step, so the pairwise exponentials exp(ge_t - gi_s) live
-  as a [C, K] tile at a time instead of a [C, C, K] block (register pressure).
-  """
-  row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
-
-  def body(s, o):
-    row = pl.ds(base + s, 1)
-    e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
-    a_col = jnp.sum(r * k_ref[row, :].astype(f32) * e, axis=1, keepdims=True)
-    return o + a_col * v_ref[row, :].astype(f32)
-
-  return lax.fori_loop(0, r.shape[0], body, o)
+def _strictly_lower(a_CxC):
+  row = lax.broadcasted_iota(jnp.int32, a_CxC.shape, 0)
+  return jnp.where(row > lax.broadcasted_iota(jnp.int32, a_CxC.shape, 1), a_CxC, 0.0)
 
 
-def _diagonal_bwd(r_ref, k_ref, v_ref, gi_ref, base, r, ge, do, grads):
-  """Adds the in-sub-chunk terms of (dr, dk, dv), one key row s per step."""
-  row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
-  row_CxV = lax.broadcasted_iota(jnp.int32, do.shape, 0)
+# The diagonal sub-chunk, A[t,s] = sum_j r_tj k_sj exp(ge_tj - gi_sj) for s < t.
+# Where the sub-chunk's log decay spans at most DOT_SPAN in every channel, A is
+# one dot split at the sub-chunk's start `ref`, (r exp(ge - ref)) (k exp(ref - gi))^T,
+# whose factors stay within exp(+-DOT_SPAN), far inside fp32. A wider span (decay
+# below exp(-60) within one sub-chunk: rare in trained models, common in the
+# tests) takes one key row s per step instead, so the pairwise exponentials live
+# as a [C, K] tile at a time rather than a [C, C, K] block.
+DOT_SPAN = 60.0
 
-  def body(s, grads):
+
+def _by_span(cfg, gi, ge, by_dot, by_rows, operand):
+  if cfg.diag == 'rows':
+    return by_rows(operand)
+  span = jnp.max(jnp.max(ge, axis=0) - jnp.min(gi, axis=0))
+  return lax.cond(span <= DOT_SPAN, by_dot, by_rows, operand)
+
+
+def _diagonal_fwd(cfg, refs, base, r, k, v, gi, ge, o):
+  """Adds the causal in-sub-chunk term sum_{s<t} A[t,s] v_s to o."""
+  k_ref, v_ref, gi_ref = refs
+  prec = _precision(cfg)
+
+  def by_dot(o):
+    ref = jnp.max(ge, axis=0, keepdims=True)
+    a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), prec, trans_b=True))
+    return o + _dot(a, v, prec)
+
+  def by_rows(o):
+    row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+
+    def body(s, o):
+      row = pl.ds(base + s, 1)
+      e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
+      a_col = jnp.sum(r * k_ref[row, :].astype(f32) * e, axis=1, keepdims=True)
+      return o + a_col * v_ref[row, :].astype(f32)
+
+    return lax.fori_loop(0, r.shape[0], body, o)
+
+  return _by_span(cfg, gi, ge, by_dot, by_rows, o)
+
+
+def _diagonal_bwd(cfg, refs, base, r, k, v, gi, ge, do, grads):
+  """Adds the in-sub-chunk terms of (dr, dk, dv)."""
+  k_ref, v_ref, gi_ref = refs
+  prec = _precision(cfg)
+
+  def by_dot(grads):
     dr, dk, dv = grads
-    row = pl.ds(base + s, 1)
-    k_s = k_ref[row, :].astype(f32)
-    e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
-    dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
-    a_col = jnp.sum(r * k_s * e, axis=1, keepdims=True)
-    dr += dA_col * k_s * e
-    dk += jnp.where(row_CxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
-    dv += jnp.where(row_CxV == s, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
-    return dr, dk, dv
+    ref = jnp.max(ge, axis=0, keepdims=True)
+    q, kq = r * jnp.exp(ge - ref), k * jnp.exp(ref - gi)
+    a = _strictly_lower(_dot(q, kq, prec, trans_b=True))
+    da = _strictly_lower(_dot(do, v, prec, trans_b=True))
+    return (dr + jnp.exp(ge - ref) * _dot(da, kq, prec), dk + jnp.exp(ref - gi) * _dot(da, q, prec, trans_a=True),
+            dv + _dot(a, do, prec, trans_a=True))
 
-  return lax.fori_loop(0, r.shape[0], body, grads)
+  def by_rows(grads):
+    row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+    row_CxV = lax.broadcasted_iota(jnp.int32, do.shape, 0)
+
+    def body(s, grads):
+      dr, dk, dv = grads
+      row = pl.ds(base + s, 1)
+      k_s = k_ref[row, :].astype(f32)
+      e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
+      dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
+      a_col = jnp.sum(r * k_s * e, axis=1, keepdims=True)
+      dr += dA_col * k_s * e
+      dk += jnp.where(row_CxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
+      dv += jnp.where(row_CxV == s, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
+      return dr, dk, dv
+
+    return lax.fori_loop(0, r.shape[0], body, grads)
+
+  return _by_span(cfg, gi, ge, by_dot, by_rows, grads)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _state_fwd_kernel(k_ref, v_ref, gi_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
+def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
   L, prec = cfg.chunk, _precision(cfg)
 
   def body(n, s_VxK):
@@ -143,7 +197,7 @@ def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
   load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :].astype(f32)
 
   def body(i, carry):
-    r, gi, g = load(r_ref, i), load(gi_ref, i), load(g_ref, i)
+    r, k, v, gi, g = (load(ref, i) for ref in (r_ref, k_ref, v_ref, gi_ref, g_ref))
     ge = gi - g
     # Earlier sub-chunks j < i, split at the reference point gn (the clamp only
     # matters for i = 0, where acc = 0).
@@ -155,7 +209,8 @@ def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
       return acc + _dot(_dot(q, kmat, prec, trans_b=True), load(v_ref, j), prec)
 
     o = lax.fori_loop(0, i, earlier, _dot(r * jnp.exp(ge), h_ref[...], prec, trans_b=True))
-    o_ref[pl.ds(pl.multiple_of(i * C, C), C), :] = _diagonal_fwd(r_ref, k_ref, v_ref, gi_ref, i * C, r, ge, o)
+    o_ref[pl.ds(pl.multiple_of(i * C, C), C), :] = _diagonal_fwd(
+        cfg, (k_ref, v_ref, gi_ref), i * C, r, k, v, gi, ge, o)
     return carry
 
   lax.fori_loop(0, L // C, body, 0)
@@ -228,8 +283,7 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
     dk_acc, dv_acc = lax.fori_loop(b + 1, n_sub, later, (jnp.zeros_like(k), jnp.zeros_like(do)))
     dk = jnp.exp(G - gi) * _dot(v, dh_ref[...], prec) + jnp.exp(gm - gi) * dk_acc
     dv = _dot(k * jnp.exp(G - gi), dh_ref[...], prec, trans_b=True) + dv_acc
-    # Diagonal sub-chunk.
-    dr, dk, dv = _diagonal_bwd(r_ref, k_ref, v_ref, gi_ref, b * C, r, ge, do, (dr, dk, dv))
+    dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref, gi_ref), b * C, r, k, v, gi, ge, do, (dr, dk, dv))
     # Log-decay gradient: reverse cumsum of r*dr - k*dk, r-part exclusive.
     dge = r * dr
     x = dge - k * dk
@@ -246,9 +300,12 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
 # ----------------------------------------------------------------------------- pallas_calls
 
 
-def _state_fwd(cfg, k, v, gi, s0):
-  B, T, H, K = k.shape
-  V = v.shape[-1]
+def _state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
+  """The sequential state kernels: grid B x H x V-tiles over [B, T, H, K] inputs
+  (one [B, T, H, V] input tiled along V) and a start state [B, H, V, K]. Returns
+  (the state at each chunk boundary [B, H, n_chunks, V, K], the last state)."""
+  B, T, H, K = kv_inputs[0].shape
+  V = v_input.shape[-1]
   bv = min(cfg.block_v, V)
   n_chunks = T // cfg.chunk
   full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
@@ -256,38 +313,16 @@ def _state_fwd(cfg, k, v, gi, s0):
   state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
   states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
   return pl.pallas_call(
-      functools.partial(_state_fwd_kernel, cfg=cfg, n_chunks=n_chunks),
+      functools.partial(kernel, cfg=cfg, n_chunks=n_chunks),
       grid=(B, H, V // bv),
-      in_specs=[full, vtile, full, state],
+      in_specs=[full] * len(kv_inputs) + [vtile, state],
       out_specs=[states, state],
       out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32),
                  jax.ShapeDtypeStruct((B, H, V, K), f32)],
       compiler_params=cfg.params(cfg.warps_state),
       interpret=cfg.interpret,
-      name='wkv6_state_fwd',
-  )(k, v, gi, s0)
-
-
-def _state_bwd(cfg, r, g, gi, do, dsT):
-  B, T, H, K = r.shape
-  V = do.shape[-1]
-  bv = min(cfg.block_v, V)
-  n_chunks = T // cfg.chunk
-  full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
-  vtile = pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j))
-  state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
-  states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
-  return pl.pallas_call(
-      functools.partial(_state_bwd_kernel, cfg=cfg, n_chunks=n_chunks),
-      grid=(B, H, V // bv),
-      in_specs=[full, full, full, vtile, state],
-      out_specs=[states, state],
-      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32),
-                 jax.ShapeDtypeStruct((B, H, V, K), f32)],
-      compiler_params=cfg.params(cfg.warps_state),
-      interpret=cfg.interpret,
-      name='wkv6_state_bwd',
-  )(r, g, gi, do, dsT)
+      name=name,
+  )(*kv_inputs, v_input, s_in)
 
 
 def _chunk_specs(cfg, K, V):
@@ -351,7 +386,7 @@ def _bonus(r, k, u):
 
 def _wkv_fwd(cfg, r, k, v, g, u, s0):
   gi = _chunk_cumsum(cfg, g)
-  h, sT = _state_fwd(cfg, k, v, gi, s0)
+  h, sT = _state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, gi), v, s0)
   o = _out_fwd(cfg, r, k, v, g, gi, h) + _bonus(r, k, u) * v.astype(f32)
   return (o, sT), (r, k, v, g, u, gi, h)
 
@@ -360,7 +395,7 @@ def _wkv_bwd(cfg, residuals, cotangents):
   # The bonus terms are added here in fp32 so that bf16 gradients are rounded once.
   r, k, v, g, u, gi, h = residuals
   do, dsT = cotangents
-  dh, ds0 = _state_bwd(cfg, r, g, gi, do, dsT)
+  dh, ds0 = _state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, g, gi), do, dsT)
   dr, dk, dv, dg = _chunk_bwd(cfg, r, k, v, g, gi, do, h, dh)
   rf, kf = r.astype(f32), k.astype(f32)
   do_v = jnp.sum(do * v.astype(f32), axis=-1, keepdims=True)

@@ -59,7 +59,7 @@ class Sampling:
 def _advance(params, cfg: RWKVConfig, tokens_1xT, state: State, implementation=None):
   """Feeds tokens; returns the logits after the last one [V] fp32 and the new state."""
   x_1xTxC, state = model.hidden_states(params, cfg, tokens_1xT, state, implementation=implementation)
-  return model.linear(x_1xTxC[0, -1], params['head']['weight']), state
+  return model.f32(model.linear(x_1xTxC[0, -1], params['head']['weight'])), state
 
 
 def power_of_two_chunks(n: int) -> list[int]:

@@ -1,8 +1,10 @@
 """RWKV-6 (x060) forward pass over token sequences, as pure functions of a param pytree.
 
 Precision: weights stay in the dtype they were loaded in; matrix products run in
-that dtype with fp32 accumulation; the residual stream, norms, decays and the WKV
-state are fp32. Layers run under `lax.scan` over the stacked block params, which
+that dtype with fp32 accumulation and return that dtype, as the official bf16
+model's do (so their backward products stay in bf16 too, with no fp32 copy of a
+weight). The residual stream between blocks is held in that dtype too (rounded
+once per sum); norms, activations, decays and the WKV state are fp32. Layers run under `lax.scan` over the stacked block params, which
 keeps compile time flat in depth and is the natural remat (grad_cp) boundary.
 """
 import functools
@@ -52,13 +54,19 @@ def layer_norm(x, p, eps=LN_EPS):
 def linear(x, w_OxI):
   """x @ W.T in the weight's dtype, accumulated in fp32 (torch's [out, in] layout).
 
+  The result is in the weight's dtype: with an fp32 result the backward product
+  would take an fp32 cotangent and run in fp32 on an fp32 copy of W.
+
   W may be a quantized weight (rwkv_jax.quant): it is expanded to its original
   dtype here, under remat, so a backward pass expands it again rather than keep
   every layer's dense copy alive (what plain autodiff would save without grad_cp).
   """
   def matmul(x, w_OxI):
+    if isinstance(w_OxI, quant.Int8Weight):  # the row scale factors out of the product
+      dtype = w_OxI.dtype
+      return jnp.einsum('...i,oi->...o', x.astype(dtype), w_OxI.values.astype(dtype)) * w_OxI.scale.astype(dtype)
     w_OxI = quant.dense(w_OxI)
-    return jnp.einsum('...i,oi->...o', x.astype(w_OxI.dtype), w_OxI, preferred_element_type=jnp.float32)
+    return jnp.einsum('...i,oi->...o', x.astype(w_OxI.dtype), w_OxI)
   return jax.checkpoint(matmul)(x, w_OxI) if quant.is_quantized(w_OxI) else matmul(x, w_OxI)
 
 
@@ -92,7 +100,7 @@ def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
   r = heads(linear(xr, p['receptance']['weight']))
   k = heads(linear(xk, p['key']['weight']))
   v = heads(linear(xv, p['value']['weight']))
-  g = jax.nn.silu(linear(xg, p['gate']['weight']))
+  g = jax.nn.silu(f32(linear(xg, p['gate']['weight'])))
   w = (f32(p['time_decay']) + dot(jnp.tanh(dot(xw, p['time_decay_w1'])), p['time_decay_w2'])).reshape(B, T, H, N)
   y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(p['time_faaaa']), wkv_state, implementation=implementation)
 
@@ -100,15 +108,15 @@ def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
   var = jnp.square(y_BxTxHxN - mean).mean(-1, keepdims=True)
   y = ((y_BxTxHxN - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(B, T, C)
   y = y * f32(p['ln_x']['weight']) + f32(p['ln_x']['bias'])
-  return linear(y * g, p['output']['weight']), x_BxTxC[:, -1], wkv_state
+  return f32(linear(y * g, p['output']['weight'])), x_BxTxC[:, -1], wkv_state
 
 
 def channel_mix(p, x_BxTxC, shift_BxC):
   xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
   xk = x_BxTxC + xx * f32(p['time_maa_k'])
   xr = x_BxTxC + xx * f32(p['time_maa_r'])
-  k = jnp.square(jax.nn.relu(linear(xk, p['key']['weight'])))
-  return jax.nn.sigmoid(linear(xr, p['receptance']['weight'])) * linear(k, p['value']['weight']), x_BxTxC[:, -1]
+  k = jnp.square(jax.nn.relu(f32(linear(xk, p['key']['weight']))))
+  return jax.nn.sigmoid(f32(linear(xr, p['receptance']['weight']))) * f32(linear(k, p['value']['weight'])), x_BxTxC[:, -1]
 
 
 def block(x_BxTxC, layer, cfg: RWKVConfig, implementation):
@@ -117,14 +125,20 @@ def block(x_BxTxC, layer, cfg: RWKVConfig, implementation):
   att_out, att_shift, wkv_state = time_mix(
       p['att'], layer_norm(x_BxTxC, p['ln1']), jnp.broadcast_to(att_shift, (B, cfg.n_embd)), wkv_state, cfg,
       implementation)
-  x_BxTxC = x_BxTxC + att_out
+  x_BxTxC = (x_BxTxC + att_out).astype(x_BxTxC.dtype)
   ffn_out, ffn_shift = channel_mix(p['ffn'], layer_norm(x_BxTxC, p['ln2']), jnp.broadcast_to(ffn_shift, (B, cfg.n_embd)))
-  return x_BxTxC + ffn_out, (wkv_state, att_shift, ffn_shift)
+  return (x_BxTxC + ffn_out).astype(x_BxTxC.dtype), (wkv_state, att_shift, ffn_shift)
 
 
 def hidden_states(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implementation=None, remat=False):
-  """Embedding -> all blocks -> ln_out. Returns (x [B, T, C] fp32, final State with a batch axis)."""
-  x_BxTxC = layer_norm(jnp.take(params['emb']['weight'], tokens_BxT, axis=0), params['ln0'])
+  """Embedding -> all blocks -> ln_out. Returns (x [B, T, C] fp32, final State with a batch axis).
+
+  Between blocks the residual stream is held in the weights' dtype, as the
+  official bf16 model holds it; each sum is formed in fp32 and rounded once.
+  With remat, that is also what every layer keeps for the backward pass.
+  """
+  dtype = params['blocks']['att']['receptance']['weight'].dtype
+  x_BxTxC = layer_norm(quant.take_rows(params['emb']['weight'], tokens_BxT), params['ln0']).astype(dtype)
   body = functools.partial(block, cfg=cfg, implementation=implementation)
   if remat:
     body = jax.checkpoint(body)
@@ -135,4 +149,4 @@ def hidden_states(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implemen
 def forward(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implementation=None, remat=False):
   """Logits [B, T, V] fp32 for every position, and the state after the last token."""
   x_BxTxC, state = hidden_states(params, cfg, tokens_BxT, state, implementation=implementation, remat=remat)
-  return linear(x_BxTxC, params['head']['weight']), state
+  return f32(linear(x_BxTxC, params['head']['weight'])), state

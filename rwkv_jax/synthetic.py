@@ -21,7 +21,7 @@ def random_tensor(name: str, shape, rng: np.random.Generator) -> np.ndarray:
     return 1.0 + normal(0.1)
   if leaf.endswith('.bias'):
     return normal(0.1)
-  if 'time_maa_w' in leaf or 'time_decay_w' in leaf:
+  if leaf.endswith(('time_maa_w1', 'time_maa_w2', 'time_decay_w1', 'time_decay_w2')):
     return normal(1.0 / np.sqrt(shape[-2]))
   if 'time_maa_' in leaf:
     return rng.uniform(0.0, 1.0, shape)

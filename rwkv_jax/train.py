@@ -66,7 +66,7 @@ def init_train_state(cfg: RWKVConfig, opt: optax.GradientTransformation, wkv_LxH
   return TrainState(jnp.zeros((), jnp.int32), init_state, opt.init(init_state))
 
 
-def cross_entropy(params, x_BxTxC, targets_BxT, chunk=256):
+def cross_entropy(params, x_BxTxC, targets_BxT, chunk=128):
   """(sum of CE over unmasked targets, count, L2Wrap term), never holding [B, T, V] in fp32.
 
   The head runs over `chunk` positions at a time under remat, so the backward
@@ -80,7 +80,7 @@ def cross_entropy(params, x_BxTxC, targets_BxT, chunk=256):
 
   @jax.checkpoint
   def chunk_losses(x_KxC, targets_K):
-    logits_KxV = model.linear(x_KxC, params['head']['weight'])
+    logits_KxV = model.f32(model.linear(x_KxC, params['head']['weight']))
     valid_K = targets_K != IGNORE
     target_logit_K = jnp.take_along_axis(logits_KxV, jnp.where(valid_K, targets_K, 0)[:, None], axis=-1)[:, 0]
     ce_K = jax.nn.logsumexp(logits_KxV, axis=-1) - target_logit_K
@@ -98,7 +98,7 @@ def loss_fn(init_state: State, params, cfg: RWKVConfig, inputs_BxT, targets_BxT,
   x_BxTxC, _ = model.hidden_states(params, cfg, inputs_BxT, init_state, implementation=implementation, remat=remat)
   ce_sum, count, l2wrap = cross_entropy(params, x_BxTxC, targets_BxT)
   ce = ce_sum / jnp.maximum(count, 1)
-  return ce + l2wrap - jax.lax.stop_gradient(l2wrap), count
+  return ce + l2wrap - jax.lax.stop_gradient(l2wrap)
 
 
 def make_train_step(cfg: RWKVConfig, opt: optax.GradientTransformation, implementation=None, remat=True):
@@ -107,11 +107,11 @@ def make_train_step(cfg: RWKVConfig, opt: optax.GradientTransformation, implemen
   A > 1 accumulates gradients over A micro-batches (mean). A non-finite loss
   leaves the train state unchanged, so the caller still holds the last good one.
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn)
 
   def step(train_state: TrainState, params, inputs_AxBxT, targets_AxBxT):
     def micro_batch(grads_sum, batch):
-      (loss, _), grads = grad_fn(train_state.init_state, params, cfg, *batch, implementation, remat)
+      loss, grads = grad_fn(train_state.init_state, params, cfg, *batch, implementation, remat)
       return jax.tree.map(jnp.add, grads_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, train_state.init_state)

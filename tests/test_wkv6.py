@@ -53,14 +53,14 @@ def _rel_rms(x, ref):
   return float(np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref ** 2), 1e-300)))
 
 
-def check(fn, B, T, H, K, dtype='float32', shared_s0=True):
-  """Runs fn(r, k, v, w, u, s0) forward and backward against the fp64 reference."""
+def check(fn, B, T, H, K, dtype='float32', shared_s0=True, w_high=3.0):
+  """Runs fn(r, k, v, w, u, s0) forward and backward against the fp64 reference (w over [-8, w_high])."""
   seed = int(np.random.SeedSequence().entropy % 2**31)
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
   # Round r, k, v to the tested dtype first so the reference sees the same inputs.
   r, k, v = (np.asarray(jnp.asarray(normal(B, T, H, K), dtype).astype(jnp.float32)) for _ in range(3))
-  w = rng.uniform(-8.0, 3.0, (B, T, H, K)).astype(np.float32)
+  w = rng.uniform(-8.0, w_high, (B, T, H, K)).astype(np.float32)
   u = normal(H, K)
   s0 = normal(H, K, K) if shared_s0 else normal(B, H, K, K)
   dy, dsT = normal(B, T, H, K), normal(B, H, K, K)
@@ -117,6 +117,14 @@ def test_pallas_interpret_tilings(chunk, block_v, T):
   check(fn, B=2, T=T, H=2, K=32, shared_s0=False)
 
 
+# w <= 1 (per-step decay >= exp(-e), as in trained models) keeps every 16-token
+# span under DOT_SPAN, so 'auto' takes the dot form everywhere; w up to 3 mixes
+# both forms, and 'rows' takes the row loop everywhere.
+@pytest.mark.parametrize('diag,w_high', [('auto', 1.0), ('rows', 3.0)])
+def test_pallas_interpret_diagonal_forms(diag, w_high):
+  check(_pallas(diag=diag), B=2, T=70, H=2, K=64, shared_s0=False, w_high=w_high)
+
+
 def test_implementations_listed():
   assert set(IMPLEMENTATIONS) == {'scan', 'xla_chunked', 'pallas'}
   with pytest.raises(ValueError):
@@ -159,3 +167,11 @@ def test_gpu(implementation, B, T, H, dtype):
 @pytest.mark.parametrize('chunk,block_v', [(32, 16), (64, 64)])
 def test_gpu_pallas_tilings(chunk, block_v):
   check(_pallas(chunk=chunk, block_v=block_v), B=2, T=300, H=2, K=64, dtype='bfloat16', shared_s0=False)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('diag,w_high', [('auto', 1.0), ('rows', 3.0)])
+def test_gpu_pallas_diagonal_forms(diag, w_high, dtype):
+  check(_pallas(diag=diag), B=2, T=300, H=2, K=64, dtype=dtype, shared_s0=False, w_high=w_high)
