@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
   add('--random_seed', type=int, default=-1, help='seed for sampling (-1: pick one and record it)')
   add('--data_shuffle', type=int, choices=(0, 1), default=1, help='shuffle documents every epoch')
   add('--devices', type=int, default=1, help='GPUs to spread the batch over (data parallel)')
-  add('--quant', choices=('none', 'int8', 'nf4'), default='none', help='quantize the frozen matrix weights')
+  add('--quant', choices=('none', 'int8', 'nf4'), default='none',
+      help='quantize the frozen projection matrices (the embedding and head go int8 either way)')
   add('--train_type', default='state', help='only "state": this tool tunes states')
   add('--my_testing', help='model version as RWKV-PEFT names it (x060); checked against the checkpoint')
   add('--vocab_size', type=int, help='checked against the checkpoint')

@@ -14,7 +14,7 @@ no expanded copy of the weight is made; an embedding lookup expands only its row
 
 A quantized weight is a small pytree whose leaves keep the leading layer axis of
 the param tree, so `lax.scan` over layers slices it like any other block param.
-Scales are fp32 (one per row or per 64 weights: a few percent of the storage).
+int8 row scales are fp32; NF4 block scales are bf16 (a few percent of the storage either way).
 
   params = quant.quantize_params(params, 'nf4')   # then train as usual
   w_OxI = quant.dense(params['blocks']['att']['key']['weight'])   # [L, O, I] back
@@ -53,7 +53,7 @@ class Int8Weight:
 
 @dataclasses.dataclass(frozen=True)
 class NF4Weight:
-  """packed [..., O, nb * 32] uint8, scale [..., O, nb] fp32 (nb = ceil(I / 64)); I = n_in."""
+  """packed [..., O, nb * 32] uint8, scale [..., O, nb] bf16 (nb = ceil(I / 64)); I = n_in."""
   packed: jax.Array
   scale: jax.Array
   dtype: np.dtype
@@ -114,7 +114,9 @@ def _nf4_quantize(w_OxI):
   # Nearest level = how many midpoints lie below x; an unrolled sum fuses into one
   # elementwise pass instead of a [..., 15] comparison tensor.
   codes = sum((x > float(m)).astype(jnp.uint8) for m in NF4_MIDPOINTS).reshape(O, nb * BLOCK // 2, 2)
-  return codes[..., 0] | (codes[..., 1] << 4), scale_OxN
+  # bf16 block scales: 1/32 byte a weight instead of fp32's 1/16 (42 MB at 1.6B), for a 2^-8
+  # relative error on the scale against NF4's ~9% on the weight.
+  return codes[..., 0] | (codes[..., 1] << 4), scale_OxN.astype(jnp.bfloat16)
 
 
 ROWS = 8192  # rows quantized at once: bounds the fp32 working copy (64 MB at 2048 inputs)
