@@ -43,6 +43,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
+from rwkv_jax.synthetic import TINY  # pylint: disable=g-import-not-at-top
 
 MODELS = {
     '1.6B': RWKVConfig(n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=7168,
@@ -51,8 +52,7 @@ MODELS = {
                      dim_mix_lora=32, dim_decay_lora=64),
     '7B': RWKVConfig(n_layer=32, n_embd=4096, head_size=64, vocab_size=65536, dim_ffn=14336,
                      dim_mix_lora=64, dim_decay_lora=128),
-    'tiny': RWKVConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=1024, dim_ffn=448,
-                       dim_mix_lora=32, dim_decay_lora=64),
+    'tiny': dataclasses.replace(TINY, vocab_size=1024),
 }
 PEAK_FALLBACK = 989e12  # H100 SXM dense bf16 datasheet figure, used only if the measurement fails
 STEPS, WARMUP = 10, 3  # timed steps (median), warm-up steps

@@ -4,8 +4,9 @@ Precision: weights stay in the dtype they were loaded in; matrix products run in
 that dtype with fp32 accumulation and return that dtype, as the official bf16
 model's do (so their backward products stay in bf16 too, with no fp32 copy of a
 weight). The residual stream between blocks is held in that dtype too (rounded
-once per sum); norms, activations, decays and the WKV state are fp32. Layers run under `lax.scan` over the stacked block params, which
-keeps compile time flat in depth and is the natural remat (grad_cp) boundary.
+once per sum); norms, activations, decays and the WKV state are fp32. Layers run
+under `lax.scan` over the stacked block params, which keeps compile time flat in
+depth and is the natural remat (grad_cp) boundary.
 """
 import functools
 from typing import NamedTuple
@@ -57,9 +58,10 @@ def linear(x, w_OxI):
   The result is in the weight's dtype: with an fp32 result the backward product
   would take an fp32 cotangent and run in fp32 on an fp32 copy of W.
 
-  W may be a quantized weight (rwkv_jax.quant): it is expanded to its original
-  dtype here, under remat, so a backward pass expands it again rather than keep
-  every layer's dense copy alive (what plain autodiff would save without grad_cp).
+  W may be a quantized weight (rwkv_jax.quant), used under remat so that a
+  backward pass redoes the work rather than keep every layer's expanded copy
+  alive (what plain autodiff would save without grad_cp). NF4 is expanded to its
+  original dtype; int8 takes its row scale out of the product instead.
   """
   def matmul(x, w_OxI):
     if isinstance(w_OxI, quant.Int8Weight):  # the row scale factors out of the product
@@ -116,7 +118,8 @@ def channel_mix(p, x_BxTxC, shift_BxC):
   xk = x_BxTxC + xx * f32(p['time_maa_k'])
   xr = x_BxTxC + xx * f32(p['time_maa_r'])
   k = jnp.square(jax.nn.relu(f32(linear(xk, p['key']['weight']))))
-  return jax.nn.sigmoid(f32(linear(xr, p['receptance']['weight']))) * f32(linear(k, p['value']['weight'])), x_BxTxC[:, -1]
+  r = jax.nn.sigmoid(f32(linear(xr, p['receptance']['weight'])))
+  return r * f32(linear(k, p['value']['weight'])), x_BxTxC[:, -1]
 
 
 def block(x_BxTxC, layer, cfg: RWKVConfig, implementation):
@@ -126,7 +129,8 @@ def block(x_BxTxC, layer, cfg: RWKVConfig, implementation):
       p['att'], layer_norm(x_BxTxC, p['ln1']), jnp.broadcast_to(att_shift, (B, cfg.n_embd)), wkv_state, cfg,
       implementation)
   x_BxTxC = (x_BxTxC + att_out).astype(x_BxTxC.dtype)
-  ffn_out, ffn_shift = channel_mix(p['ffn'], layer_norm(x_BxTxC, p['ln2']), jnp.broadcast_to(ffn_shift, (B, cfg.n_embd)))
+  ffn_out, ffn_shift = channel_mix(p['ffn'], layer_norm(x_BxTxC, p['ln2']),
+                                   jnp.broadcast_to(ffn_shift, (B, cfg.n_embd)))
   return (x_BxTxC + ffn_out).astype(x_BxTxC.dtype), (wkv_state, att_shift, ffn_shift)
 
 
