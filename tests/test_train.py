@@ -40,14 +40,16 @@ def test_loss_falls_and_only_the_state_changes():
   cfg = synthetic.TINY
   params = jax.tree.map(jnp.asarray, checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=3), cfg))
   before = jax.tree.map(np.array, params)
-  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 5, 40))
+  # 60 steps at a high learning rate: over 12 random sequences the loss ends at 0.41-0.47x its
+  # start (after only 25 steps of a schedule ending at step 40 it was 0.53-0.60x: flaky).
+  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 5, 200))
   state = train.init_train_state(cfg, opt)
   step = train.make_train_step(cfg, opt)
   sequence = np.random.default_rng().integers(0, cfg.vocab_size, 33)
   inputs = np.broadcast_to(sequence[:-1], (1, 2, 32)).astype(np.int32)
   targets = np.broadcast_to(sequence[1:], (1, 2, 32)).astype(np.int32)
   losses = []
-  for _ in range(25):
+  for _ in range(60):
     state, loss = step(state, params, inputs, targets)
     losses.append(float(loss))
   assert losses[-1] < 0.6 * losses[0], losses
