@@ -205,8 +205,7 @@ def main(argv):
   epoch_steps = args.epoch_steps or max(tokens.num_docs // (args.micro_bsz * devices), 1)
   steps_per_epoch = max(epoch_steps // (devices * accumulate), 1)  # optimizer steps, as RWKV-PEFT counts them
 
-  att = params['blocks']['att']
-  merged_state = att.pop('time_state', None)  # continue from a merged state, as RWKV-PEFT does
+  params, merged_state = checkpoint.split_time_state(params)  # continue from a merged state, as RWKV-PEFT does
   if args.precision == 'fp32':
     jax.config.update('jax_default_matmul_precision', 'highest')
   params = cast_params(params, args.precision)

@@ -1,4 +1,4 @@
-"""Compile time against depth: the layers run under one `lax.scan`, so it should stay flat.
+"""Compile time against depth: the layers are a Python loop (see rwkv_jax/model.py), so it grows.
 
   python bench/compile_time.py [--width 2048] [--layers 4 32]
 

@@ -106,7 +106,9 @@ def profile_step(args, trace_dir) -> list[str]:
   abstract_params = jax.eval_shape(lambda: train_step.random_params(cfg, case.quant))
   tokens = jax.ShapeDtypeStruct((1, case.micro_bsz, case.ctx_len), jnp.int32)
   state = jax.eval_shape(lambda: train.init_train_state(cfg, opt))
+  t0 = time.perf_counter()
   compiled = step.lower(state, abstract_params, tokens, tokens).compile()
+  compile_s = time.perf_counter() - t0
   before = in_use()
   params = train_step.random_params(cfg, case.quant)
   after = in_use()
@@ -120,7 +122,8 @@ def profile_step(args, trace_dir) -> list[str]:
 
   wall = wall_ms(call, ())
   rows, total = profile(call, (), 3, trace_dir)
-  return [f'step {case.name}, WKV {args.implementation or "default"}, XLA_FLAGS {args.xla_flags!r}'] + \
+  return [f'step {case.name}, WKV {args.implementation or "default"}, XLA_FLAGS {args.xla_flags!r}, '
+          f'compiled in {compile_s:.1f} s'] + \
       memory_lines(compiled, before, after) + table(rows, total, wall)
 
 

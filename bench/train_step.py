@@ -117,57 +117,29 @@ class JaxRng:
     return jax.random.uniform(self.key, shape, minval=low, maxval=high)
 
 
-def tree_layout(cfg: RWKVConfig) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
-  """{tree path: (checkpoint name, shape)} in the layout checkpoint.params_from_tensors gives."""
-  from rwkv_jax.checkpoint import expected_shapes  # pylint: disable=g-import-not-at-top
-  layout = {}
-  for name, shape in expected_shapes(cfg).items():
-    if not name.startswith('blocks.'):
-      layout[tuple(name.split('.'))] = (name, shape)
-    elif name.startswith('blocks.0.'):
-      leaf = name[len('blocks.0.'):]
-      if leaf.startswith('ln0.'):
-        layout[tuple(leaf.split('.'))] = (name, shape)
-      else:  # stacked over layers; [1, 1, C] vectors squeezed to [C]
-        layout[('blocks', *leaf.split('.'))] = (name, (cfg.n_layer, *(shape[2:] if shape[:2] == (1, 1) else shape)))
-  return layout
-
-
 def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
-  """bf16 random params on the device, drawn a layer at a time (quantized matrices quantized a layer
-  at a time), so no fp32 or dense copy of the model ever exists: it would set the process's peak."""
+  """bf16 random params on the device in the trainer's tree (checkpoint.build_params), drawn a
+  tensor at a time and quantized as drawn, so no fp32 or dense copy of the model ever exists: it
+  would set the process's peak."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from rwkv_jax import quant, synthetic  # pylint: disable=g-import-not-at-top
-
-  @functools.partial(jax.jit, static_argnums=(0, 1))
-  def draw(name, shape, key):
-    return synthetic.random_tensor(name, shape, JaxRng(key)).astype(jnp.bfloat16)
-
-  @functools.partial(jax.jit, static_argnums=(0, 1))
-  def draw_layers(name, shape, key):  # a layer at a time: no fp32 temporary of the whole stack
-    return jax.lax.map(lambda k: draw(name, shape[1:], k), jax.random.split(key, shape[0]))
+  from rwkv_jax import checkpoint, quant, synthetic  # pylint: disable=g-import-not-at-top
 
   @functools.partial(jax.jit, static_argnums=(0, 1, 3))
-  def draw_quantized(name, shape, key, mode):  # likewise: never a dense layer stack, nor a list of layers
-    return jax.lax.map(lambda k: quant.quantize(draw(name, shape[1:], k), mode), jax.random.split(key, shape[0]))
+  def draw(leaf, shape, key, mode):
+    value = synthetic.random_tensor(leaf, shape, JaxRng(key)).astype(jnp.bfloat16)
+    return value if mode == 'none' else quant.quantize(value, mode)
 
-  quantized = {('blocks', group, name, 'weight') for group, name in quant.MATRICES}
-  vocab = {('emb', 'weight'), ('head', 'weight')}  # int8 in both modes, as quant.quantize_params does
-  params, root = {}, jax.random.key(seed)
-  for i, (path, (name, shape)) in enumerate(tree_layout(cfg).items()):
-    key = jax.random.fold_in(root, i)
-    if quant_mode != 'none' and path in quantized:
-      value = draw_quantized(name, shape, key, quant_mode)
-    elif quant_mode != 'none' and path in vocab:
-      value = quant.quantize(draw(name, shape, key), 'int8')
-    else:
-      value = (draw_layers if path[0] == 'blocks' else draw)(name, shape, key)
-    node = params
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = value
-  return params
+  matrices = tuple(f'.{group}.{name}.weight' for group, name in quant.MATRICES)
+  keys = iter(jax.random.split(jax.random.key(seed), len(checkpoint.expected_shapes(cfg))))
+
+  def leaf(name, shape):
+    mode = 'none' if quant_mode == 'none' else (
+        quant_mode if name.endswith(matrices) else 'int8' if name in ('emb.weight', 'head.weight') else 'none')
+    # One compile per distinct tensor of a layer, not per layer.
+    return draw(re.sub(r'^blocks\.\d+\.', 'blocks.0.', name), shape, next(keys), mode)
+
+  return checkpoint.build_params(cfg, leaf)
 
 
 def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
@@ -212,7 +184,7 @@ def jax_worker(case: Case, implementation: str | None) -> dict:
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   return {'step_ms': statistics.median(times) * 1e3, 'peak_gb': peak / 1e9 if peak else None,
-          'compile_s': compile_s, 'loss': float(loss), 'wkv': implementation or default_implementation(case.micro_bsz, case.ctx_len, cfg.n_head)}
+          'compile_s': compile_s, 'loss': float(loss), 'wkv': implementation or default_implementation(case.ctx_len)}
 
 
 def peak_worker() -> dict:

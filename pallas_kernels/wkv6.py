@@ -16,8 +16,7 @@ Implementations (`implementation=`):
                  fallback on any GPU; ~4x (T=512) to ~7x (T=128) faster than
                  the scan for forward+backward on CPU.
   'pallas'       chunked Pallas GPU kernels with a custom VJP (wkv6_pallas.py);
-                 the GPU default for small problems (PALLAS_MAX_HEAD_TOKENS).
-                 Runs in interpret mode on CPU (tests only).
+                 the GPU default. Runs in interpret mode on CPU (tests only).
 """
 import jax
 import jax.numpy as jnp
@@ -48,20 +47,16 @@ def wkv6_reference(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK
 IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
 
 
-# Measured on an H100 (bench/wkv6.py, 2026-11-28): forward+backward, pallas 0.67 ms vs xla_chunked
-# 1.28 ms at (B,T,H) = (1,1024,32) and 2.10 vs 2.53 ms at (8,512,32), but about 48 vs 37 ms at
-# (8,4096,64): the Pallas backward is latency-bound and wins small problems, XLA's batched dots
-# win large ones. Between 131072 and 2097152 head-tokens the crossover is not measured.
-PALLAS_MAX_HEAD_TOKENS = 262144  # B * T * H up to which the Pallas kernel is the faster
+def default_implementation(T: int = 1) -> str:
+  """The fastest measured implementation for this platform and sequence length.
 
-
-def default_implementation(B: int = 1, T: int = 1, H: int = 1) -> str:
-  """The fastest measured implementation for this platform and problem size."""
+  On an H100 (bench/results/wkv6_*_2026-11-28c, forward+backward) pallas takes
+  0.52 / 1.58 / 22.2 ms at (B,T,H) = (1,1024,32) / (8,512,32) / (8,4096,64)
+  against xla_chunked's 1.80 / 2.53 / 37.4 ms.
+  """
   if T == 1:
     return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it
-  if jax.default_backend() == 'gpu' and B * T * H <= PALLAS_MAX_HEAD_TOKENS:
-    return 'pallas'
-  return 'xla_chunked'
+  return 'pallas' if jax.default_backend() == 'gpu' else 'xla_chunked'
 
 
 def wkv6(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0, *, implementation=None):
@@ -71,8 +66,8 @@ def wkv6(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0, *, implementatio
   tuning); a shared state is broadcast here, outside any custom VJP, so its
   gradient is the sum over the batch.
   """
-  B, T, H, _ = r_BxTxHxK.shape
-  implementation = implementation or default_implementation(B, T, H)
+  B, T = r_BxTxHxK.shape[:2]
+  implementation = implementation or default_implementation(T)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown WKV implementation {implementation!r}; choose one of {IMPLEMENTATIONS}')
   s0_BxHxVxK = jnp.broadcast_to(s0, (B,) + s0.shape[-3:]).astype(jnp.float32)

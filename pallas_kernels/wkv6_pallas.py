@@ -13,13 +13,14 @@ chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
                  S <- S * exp(G) + v^T (k * exp(G - gi))
-  chunk kernel  (grid chunks x B x H, fully parallel): per 16-row sub-chunk,
-                 o = (r * exp(ge)) S^T + A v, with A split at a reference point
-                 for each earlier sub-chunk (two 16-row dots); the diagonal
-                 sub-chunk is split the same way where its decay span allows,
-                 else takes pairwise exponentials a key row at a time (DOT_SPAN).
-                 Loops rather than unrolling, and [16, K] tiles rather than
-                 [C, C, K] blocks, keep the kernels inside the register file.
+  chunk kernel  (grid chunks x B x H, fully parallel): per sub-chunk of rows
+                 (Config.sub_out / sub_bwd), o = (r * exp(ge)) S^T + A v, with A
+                 split at a reference point for each earlier sub-chunk (two
+                 dots); the diagonal sub-chunk is split the same way where its
+                 decay span allows, else takes pairwise exponentials a key row at
+                 a time (DOT_SPAN). Loops rather than unrolling, and [sub, K]
+                 tiles rather than [C, C, K] blocks, keep the kernels inside the
+                 register file.
   backward      the same two shapes: a reverse state kernel carries dS (its
                  final value is d s0) and stores each chunk's end-state gradient;
                  a parallel chunk kernel recomputes A from the stored states and
@@ -30,7 +31,8 @@ chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
 The bonus u (elementwise, in XLA inside the custom VJP), the chain rule through
 -exp(w) and the padding of T to a whole number of chunks (k = v = r = 0, g = 0,
 i.e. decay 1) are plain JAX.
-Dots run at HIGHEST (IEEE fp32) for fp32 inputs and at 3xTF32 for bf16 inputs.
+Dots run at HIGHEST (IEEE fp32) for fp32 inputs and as bf16x3 (see _dot) for
+bf16 inputs.
 """
 import dataclasses
 import functools
@@ -48,18 +50,21 @@ f32 = jnp.float32
 class Config:
   """Static kernel configuration (hashable: it is a custom_vjp nondiff argument).
 
-  Defaults from bench/wkv6.py --sweep on an H100 (2026-11-28,
-  bench/results/wkv6_sweep_*), fwd+bwd at (1,1024,32,64) / (8,512,32,64):
-  chunk 64, 8 backward warps, row-loop diagonal 0.95 / 3.46 ms; chunk 32 and
-  4 warps 0.69 / 2.32 ms; plus the dot-form diagonal 0.67 / 2.10 ms. Plain
-  TF32 dots would reach 0.43 / 1.31 ms but put the decay gradient at 8.4e-3
-  relative RMS, over the 5e-3 bound for bf16 inputs.
+  Defaults from bench/wkv6.py --sweep on an H100 (bench/results/wkv6_sweep_*),
+  fwd+bwd at (1,1024,32,64) / (8,512,32,64), same-call comparisons: 3xTF32
+  dots 0.82 / 2.80 ms, bf16x3 dots 0.50 / 1.54 ms (the worst error stays the
+  bf16 rounding of dv, 1.7e-3; the decay gradient's goes from 1e-5 to ~3e-4).
+  A 32-row sub-chunk makes the forward 20% faster and the backward slower
+  (more live registers), hence two sizes. Chunk 64 and 8 warps were slower.
+  Plain TF32 dots reach 0.42 / 1.25 ms but put the decay gradient at 4e-3
+  relative RMS, too close to the 5e-3 bound for bf16 inputs.
   """
-  chunk: int = 32           # T-block of the parallel kernels; multiple of `sub`
-  sub: int = 16             # rows of a sub-chunk (pairwise exps inside; Triton dots need >= 16)
+  chunk: int = 32           # T-block of the parallel kernels; multiple of both sub-chunks
+  sub_out: int = 32         # rows of a sub-chunk in the forward output kernel (Triton dots need >= 16)
+  sub_bwd: int = 16         # rows of a sub-chunk in the backward chunk kernel (fewer registers than 32)
   block_v: int = 32         # V-tile of the sequential state kernels (more tiles, more programs)
   exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
-  dots: str = 'tf32x3'      # dots for bf16 inputs: 'tf32x3', 'tf32' or 'ieee'
+  dots: str = 'bf16x3'      # dots for bf16 inputs: 'bf16x3', 'tf32x3', 'tf32' or 'ieee' (see _dot)
   diag: str = 'auto'        # diagonal sub-chunk: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
   interpret: bool = False
   warps_state: int = 4
@@ -71,19 +76,34 @@ class Config:
     return pltriton.CompilerParams(num_warps=warps, num_stages=self.stages)
 
 
-def _dot(a, b, precision, trans_a=False, trans_b=False):
+def _split_bf16(x):
+  """x as bf16 parts whose sum holds 16 significant bits; a bf16 input is exact as one part."""
+  if x.dtype == jnp.bfloat16:
+    return (x,)
+  hi = x.astype(jnp.bfloat16)
+  return hi, (x - hi.astype(f32)).astype(jnp.bfloat16)
+
+
+def _dot(a, b, mode, trans_a=False, trans_b=False):
+  """a @ b in fp32 by one of the modes of Config.dots (see _mode)."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=f32)
+  if mode == 'bf16x3':
+    # (a_hi + a_lo)(b_hi + b_lo) less a_lo * b_lo: ~2^-16 relative error from
+    # bf16 MMAs; two products when one side is already bf16 (raw r, k, v).
+    parts = [(x, y) for i, x in enumerate(_split_bf16(a)) for j, y in enumerate(_split_bf16(b)) if i + j < 2]
+    return sum(lax.dot_general(x, y, dims, preferred_element_type=f32) for x, y in parts)
+  precision = {'ieee': lax.Precision.HIGHEST, 'tf32': lax.Precision.DEFAULT,
+               'tf32x3': lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[mode]
+  return lax.dot_general(a.astype(f32), b.astype(f32), dims, precision=precision, preferred_element_type=f32)
 
 
-def _precision(cfg):
+def _mode(cfg):
   # Plain TF32 is too coarse for the log-decay gradient, a difference of
-  # accumulated products; 3xTF32 is close to fp32 at tensor-core speed. CPUs
-  # (interpret mode) have no TF32 and run HIGHEST.
-  if cfg.exact or cfg.interpret:
-    return lax.Precision.HIGHEST
-  return {'tf32': lax.Precision.DEFAULT, 'tf32x3': lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-          'ieee': lax.Precision.HIGHEST}[cfg.dots]
+  # accumulated products. fp32 inputs get IEEE fp32 dots. CPUs (interpret
+  # mode) have no TF32 and run those modes as IEEE; bf16x3 runs as written.
+  if cfg.exact or (cfg.interpret and cfg.dots != 'bf16x3'):
+    return 'ieee'
+  return cfg.dots
 
 
 def _masked_exp(mask, x):
@@ -97,31 +117,32 @@ def _strictly_lower(a_CxC):
 
 
 # The diagonal sub-chunk, A[t,s] = sum_j r_tj k_sj exp(ge_tj - gi_sj) for s < t.
-# Where the sub-chunk's log decay spans at most DOT_SPAN in every channel, A is
-# one dot split at the sub-chunk's start `ref`, (r exp(ge - ref)) (k exp(ref - gi))^T,
-# whose factors stay within exp(+-DOT_SPAN), far inside fp32. A wider span (decay
-# below exp(-60) within one sub-chunk: rare in trained models, common in the
-# tests) takes one key row s per step instead, so the pairwise exponentials live
-# as a [C, K] tile at a time rather than a [C, C, K] block.
+# A is one dot split at the sub-chunk's middle row `ref` (per channel),
+# (r exp(ge - ref)) (k exp(ref - gi))^T, wherever both factors stay within
+# exp(+-DOT_SPAN), far inside fp32: the middle halves the largest exponent the
+# start row would give. A wider span (decay below exp(-60) within half a
+# sub-chunk: rare in trained models, common in the tests) takes one key row s
+# per step instead, so the pairwise exponentials live as a [C, K] tile at a time
+# rather than a [C, C, K] block.
 DOT_SPAN = 60.0
 
 
-def _by_span(cfg, gi, ge, by_dot, by_rows, operand):
+def _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, operand):
   if cfg.diag == 'rows':
     return by_rows(operand)
-  span = jnp.max(jnp.max(ge, axis=0) - jnp.min(gi, axis=0))
-  return lax.cond(span <= DOT_SPAN, by_dot, by_rows, operand)
+  ref = gi_ref[pl.ds(base + gi.shape[0] // 2 - 1, 1), :]  # = ge of the middle row
+  span = jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi))
+  return lax.cond(span <= DOT_SPAN, functools.partial(by_dot, ref), by_rows, operand)
 
 
 def _diagonal_fwd(cfg, refs, base, r, k, v, gi, ge, o):
   """Adds the causal in-sub-chunk term sum_{s<t} A[t,s] v_s to o."""
   k_ref, v_ref, gi_ref = refs
-  prec = _precision(cfg)
+  mode = _mode(cfg)
 
-  def by_dot(o):
-    ref = jnp.max(ge, axis=0, keepdims=True)
-    a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), prec, trans_b=True))
-    return o + _dot(a, v, prec)
+  def by_dot(ref, o):
+    a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True))
+    return o + _dot(a, v, mode)
 
   def by_rows(o):
     row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
@@ -134,22 +155,21 @@ def _diagonal_fwd(cfg, refs, base, r, k, v, gi, ge, o):
 
     return lax.fori_loop(0, r.shape[0], body, o)
 
-  return _by_span(cfg, gi, ge, by_dot, by_rows, o)
+  return _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, o)
 
 
 def _diagonal_bwd(cfg, refs, base, r, k, v, gi, ge, do, grads):
   """Adds the in-sub-chunk terms of (dr, dk, dv)."""
   k_ref, v_ref, gi_ref = refs
-  prec = _precision(cfg)
+  mode = _mode(cfg)
 
-  def by_dot(grads):
+  def by_dot(ref, grads):
     dr, dk, dv = grads
-    ref = jnp.max(ge, axis=0, keepdims=True)
     q, kq = r * jnp.exp(ge - ref), k * jnp.exp(ref - gi)
-    a = _strictly_lower(_dot(q, kq, prec, trans_b=True))
-    da = _strictly_lower(_dot(do, v, prec, trans_b=True))
-    return (dr + jnp.exp(ge - ref) * _dot(da, kq, prec), dk + jnp.exp(ref - gi) * _dot(da, q, prec, trans_a=True),
-            dv + _dot(a, do, prec, trans_a=True))
+    a = _strictly_lower(_dot(q, kq, mode, trans_b=True))
+    da = _strictly_lower(_dot(do, v, mode, trans_b=True))
+    return (dr + jnp.exp(ge - ref) * _dot(da, kq, mode), dk + jnp.exp(ref - gi) * _dot(da, q, mode, trans_a=True),
+            dv + _dot(a, do, mode, trans_a=True))
 
   def by_rows(grads):
     row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
@@ -169,14 +189,14 @@ def _diagonal_bwd(cfg, refs, base, r, k, v, gi, ge, do, grads):
 
     return lax.fori_loop(0, r.shape[0], body, grads)
 
-  return _by_span(cfg, gi, ge, by_dot, by_rows, grads)
+  return _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, grads)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
-  L, prec = cfg.chunk, _precision(cfg)
+  L, mode = cfg.chunk, _mode(cfg)
 
   def body(n, s_VxK):
     h_ref[n] = s_VxK
@@ -184,8 +204,8 @@ def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chu
     gi = gi_ref[pl.ds(start, L), :]
     G = gi_ref[pl.ds(start + L - 1, 1), :]
     kd = k_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(G - gi)
-    v = v_ref[pl.ds(start, L), :].astype(f32)
-    return s_VxK * jnp.exp(G) + _dot(v, kd, prec, trans_a=True)
+    v = v_ref[pl.ds(start, L), :]
+    return s_VxK * jnp.exp(G) + _dot(v, kd, mode, trans_a=True)
 
   sT_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
 
@@ -193,8 +213,8 @@ def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chu
 def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
   # Loops over sub-chunks and sub-chunk pairs keep every live tile [C, K]
   # (see _chunk_bwd_kernel).
-  L, C, prec = cfg.chunk, cfg.sub, _precision(cfg)
-  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :].astype(f32)
+  L, C, mode = cfg.chunk, cfg.sub_out, _mode(cfg)
+  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :]  # r, k, v stay raw for bf16x3
 
   def body(i, carry):
     r, k, v, gi, g = (load(ref, i) for ref in (r_ref, k_ref, v_ref, gi_ref, g_ref))
@@ -206,9 +226,9 @@ def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
 
     def earlier(j, acc):
       kmat = load(k_ref, j) * jnp.exp(gn - load(gi_ref, j))
-      return acc + _dot(_dot(q, kmat, prec, trans_b=True), load(v_ref, j), prec)
+      return acc + _dot(_dot(q, kmat, mode, trans_b=True), load(v_ref, j), mode)
 
-    o = lax.fori_loop(0, i, earlier, _dot(r * jnp.exp(ge), h_ref[...], prec, trans_b=True))
+    o = lax.fori_loop(0, i, earlier, _dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True))
     o_ref[pl.ds(pl.multiple_of(i * C, C), C), :] = _diagonal_fwd(
         cfg, (k_ref, v_ref, gi_ref), i * C, r, k, v, gi, ge, o)
     return carry
@@ -220,7 +240,7 @@ def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
 
 
 def _state_bwd_kernel(r_ref, g_ref, gi_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
-  L, prec = cfg.chunk, _precision(cfg)
+  L, mode = cfg.chunk, _mode(cfg)
 
   def body(i, ds_VxK):
     n = n_chunks - 1 - i
@@ -229,7 +249,7 @@ def _state_bwd_kernel(r_ref, g_ref, gi_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *,
     gi = gi_ref[pl.ds(start, L), :]
     G = gi_ref[pl.ds(start + L - 1, 1), :]
     rq = r_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(gi - g_ref[pl.ds(start, L), :])
-    return ds_VxK * jnp.exp(G) + _dot(do_ref[pl.ds(start, L), :], rq, prec, trans_a=True)
+    return ds_VxK * jnp.exp(G) + _dot(do_ref[pl.ds(start, L), :], rq, mode, trans_a=True)
 
   ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dsT_ref[...])
 
@@ -239,16 +259,16 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
   # Loops (not Python unrolling) over sub-chunks, and sub-chunk pairs for the
   # off-diagonal blocks of A: every live tile is [C, K] or [C, C], which keeps
   # the kernel within the register file.
-  L, C, prec = cfg.chunk, cfg.sub, _precision(cfg)
+  L, C, mode = cfg.chunk, cfg.sub_bwd, _mode(cfg)
   K = k_ref.shape[-1]
   n_sub = L // C
   G = gi_ref[L - 1:L, :]
-  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :].astype(f32)
+  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :]  # r, k, v stay raw for bf16x3
 
   # d/dG of everything in the chunk is colsum(S_end * dS_end).
   def end_state_term(j, acc):
     kd = load(k_ref, j) * jnp.exp(G - load(gi_ref, j))
-    return acc + jnp.sum(kd * _dot(load(v_ref, j), dh_ref[...], prec), axis=0, keepdims=True)
+    return acc + jnp.sum(kd * _dot(load(v_ref, j), dh_ref[...], mode), axis=0, keepdims=True)
 
   dG = lax.fori_loop(0, n_sub, end_state_term,
                      jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
@@ -265,10 +285,10 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
 
     def earlier(j, acc):
       kmat = load(k_ref, j) * jnp.exp(gn - load(gi_ref, j))
-      return acc + _dot(_dot(do, load(v_ref, j), prec, trans_b=True), kmat, prec)
+      return acc + _dot(_dot(do, load(v_ref, j), mode, trans_b=True), kmat, mode)
 
-    acc = lax.fori_loop(0, b, earlier, jnp.zeros_like(r))
-    dr = jnp.exp(ge) * _dot(do, h_ref[...], prec) + jnp.exp(jnp.minimum(ge - gn, 0.0)) * acc
+    acc = lax.fori_loop(0, b, earlier, jnp.zeros(r.shape, f32))
+    dr = jnp.exp(ge) * _dot(do, h_ref[...], mode) + jnp.exp(jnp.minimum(ge - gn, 0.0)) * acc
     # Key side: columns b of A against later sub-chunks j > b, split at gm.
     gm = gi_ref[pl.ds(b * C + C - 1, 1), :]
     kq = k * jnp.exp(gm - gi)
@@ -277,18 +297,18 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
       dk_acc, dv_acc = accs
       do_j = load(do_ref, j)
       rmat = load(r_ref, j) * jnp.exp(load(gi_ref, j) - load(g_ref, j) - gm)
-      return (dk_acc + _dot(_dot(v, do_j, prec, trans_b=True), rmat, prec),
-              dv_acc + _dot(_dot(kq, rmat, prec, trans_b=True), do_j, prec))
+      return (dk_acc + _dot(_dot(v, do_j, mode, trans_b=True), rmat, mode),
+              dv_acc + _dot(_dot(kq, rmat, mode, trans_b=True), do_j, mode))
 
-    dk_acc, dv_acc = lax.fori_loop(b + 1, n_sub, later, (jnp.zeros_like(k), jnp.zeros_like(do)))
-    dk = jnp.exp(G - gi) * _dot(v, dh_ref[...], prec) + jnp.exp(gm - gi) * dk_acc
-    dv = _dot(k * jnp.exp(G - gi), dh_ref[...], prec, trans_b=True) + dv_acc
+    dk_acc, dv_acc = lax.fori_loop(b + 1, n_sub, later, (jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32)))
+    dk = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode) + jnp.exp(gm - gi) * dk_acc
+    dv = _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True) + dv_acc
     dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref, gi_ref), b * C, r, k, v, gi, ge, do, (dr, dk, dv))
     # Log-decay gradient: reverse cumsum of r*dr - k*dk, r-part exclusive.
     dge = r * dr
     x = dge - k * dk
     rows = pl.ds(pl.multiple_of(b * C, C), C)
-    dg_ref[rows, :] = _dot(upper_CxC, x, lax.Precision.HIGHEST) + suffix - dge + dG
+    dg_ref[rows, :] = _dot(upper_CxC, x, 'ieee') + suffix - dge + dG
     dr_ref[rows, :] = dr
     dk_ref[rows, :] = dk
     dv_ref[rows, :] = dv

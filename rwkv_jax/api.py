@@ -19,13 +19,9 @@ class Model:
   """
 
   def __init__(self, params: dict, cfg: RWKVConfig, implementation: str | None = None):
-    params = jax.tree.map(jnp.asarray, params)
-    blocks = dict(params['blocks'])
-    att = dict(blocks['att'])
     # A merged (state-tuned) checkpoint carries its state; like the rwkv package, start from it.
-    self.default_wkv = att.pop('time_state', None)
-    blocks['att'] = att
-    self.params = {**params, 'blocks': blocks}
+    params, self.default_wkv = checkpoint.split_time_state(params)
+    self.params = jax.tree.map(jnp.asarray, params)
     self.cfg = cfg
     self.implementation = implementation
 

@@ -1,7 +1,7 @@
 """Official RWKV `.pth` files <-> the Flax param pytree (and its orbax directory form).
 
-The pytree follows the checkpoint's names: `emb`, `ln0`, `blocks` (every per-layer
-tensor stacked on a leading layer axis), `ln_out`, `head`. `[1, 1, C]` vectors are
+The pytree follows the checkpoint's names: `emb`, `ln0`, `blocks` (a list of
+per-layer dicts), `ln_out`, `head`. `[1, 1, C]` vectors are
 squeezed to `[C]` and restored on the way back, so a round trip is bit-exact.
 """
 import json
@@ -135,52 +135,57 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 def _tree_path(key: str) -> tuple[str, int | None]:
-  """'blocks.3.att.key.weight' -> ('blocks.att.key.weight', 3); block 0's ln0 and globals have no layer."""
+  """'blocks.3.att.key.weight' -> ('att.key.weight', 3); block 0's ln0 and globals have no layer."""
   if m := re.match(r'blocks\.(\d+)\.(.*)$', key):
     layer, name = int(m.group(1)), m.group(2)
-    return (name, None) if name.startswith('ln0.') else (f'blocks.{name}', layer)
+    return (name, None) if name.startswith('ln0.') else (name, layer)
   return key, None
 
 
-def _stacked_shape(key: str, cfg: RWKVConfig, shape: tuple[int, ...]) -> tuple[int, ...]:
-  return (cfg.n_layer, shape[-1]) if _SQUEEZED.search(key) else (cfg.n_layer, *shape)
+def build_params(cfg: RWKVConfig, leaf_fn, with_time_state: bool = False) -> dict:
+  """The param pytree with `leaf_fn(checkpoint key, shape in the tree)` at every leaf.
+
+  Globals sit at the top (`emb`, `ln0`, `ln_out`, `head`); `blocks` is a list of
+  per-layer dicts, so that every layer's matrices are arrays of their own that
+  the model's products read in place. [1, 1, C] vectors become [C].
+  """
+  params = {'blocks': [{} for _ in range(cfg.n_layer)]}
+  for key, shape in expected_shapes(cfg, with_time_state).items():
+    path, layer = _tree_path(key)
+    shape = (shape[-1],) if _SQUEEZED.search(key) else shape
+    _set(params if layer is None else params['blocks'][layer], path, leaf_fn(key, shape))
+  return params
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], cfg: RWKVConfig) -> dict:
-  """Flat checkpoint dict -> nested pytree with per-layer tensors stacked on axis 0."""
-  params = {}
-  for key, value in tensors.items():
-    path, layer = _tree_path(key)
-    if layer is None:
-      _set(params, path, value)
-    elif layer == 0:
-      stacked = np.stack([tensors[key.replace('blocks.0.', f'blocks.{i}.', 1)] for i in range(cfg.n_layer)])
-      _set(params, path, stacked.reshape(_stacked_shape(key, cfg, value.shape)))
-  return params
+  """Flat checkpoint dict (checked by check_shapes) -> the param pytree of build_params."""
+  return build_params(cfg, lambda key, shape: tensors[key].reshape(shape),
+                      with_time_state='blocks.0.att.time_state' in tensors)
 
 
 def abstract_params(cfg: RWKVConfig, dtype) -> dict:
   """The param pytree as `jax.ShapeDtypeStruct`s: for compiling or initializing without a file."""
   import jax  # pylint: disable=g-import-not-at-top
-  params = {}
-  for key, shape in expected_shapes(cfg).items():
-    path, layer = _tree_path(key)
-    if layer is None:
-      _set(params, path, jax.ShapeDtypeStruct(shape, dtype))
-    elif layer == 0:
-      _set(params, path, jax.ShapeDtypeStruct(_stacked_shape(key, cfg, shape), dtype))
-  return params
+  return build_params(cfg, lambda key, shape: jax.ShapeDtypeStruct(shape, dtype))
 
 
 def tensors_from_params(params: dict, cfg: RWKVConfig) -> dict[str, np.ndarray]:
   """The inverse of `params_from_tensors`, keys in the official order."""
-  flat = {k: np.asarray(v) for k, v in _flatten(params).items()}
-  has_state = 'blocks.att.time_state' in flat
+  flat = _flatten({k: v for k, v in params.items() if k != 'blocks'})
+  layers = [_flatten(block) for block in params['blocks']]
   tensors = {}
-  for key, shape in expected_shapes(cfg, with_time_state=has_state).items():
+  for key, shape in expected_shapes(cfg, with_time_state='att.time_state' in layers[0]).items():
     path, layer = _tree_path(key)
-    tensors[key] = (flat[path] if layer is None else flat[path][layer]).reshape(shape)
+    tensors[key] = np.asarray(flat[path] if layer is None else layers[layer][path]).reshape(shape)
   return tensors
+
+
+def split_time_state(params: dict) -> tuple[dict, np.ndarray | None]:
+  """(params without `att.time_state`, the [L, H, V, K] states a merged checkpoint carries, or None)."""
+  if 'time_state' not in params['blocks'][0]['att']:
+    return params, None
+  blocks = [{**b, 'att': {k: v for k, v in b['att'].items() if k != 'time_state'}} for b in params['blocks']]
+  return {**params, 'blocks': blocks}, np.stack([np.asarray(b['att']['time_state']) for b in params['blocks']])
 
 
 def save_flax(directory, params: dict, cfg: RWKVConfig) -> None:

@@ -12,12 +12,11 @@ their error stays at int8's ~0.5% instead of NF4's ~9%. An int8 product keeps th
 row scale out of the matrix, x @ (values * scale).T = (x @ values.T) * scale, so
 no expanded copy of the weight is made; an embedding lookup expands only its rows.
 
-A quantized weight is a small pytree whose leaves keep the leading layer axis of
-the param tree, so `lax.scan` over layers slices it like any other block param.
-int8 row scales are fp32; NF4 block scales are bf16 (a few percent of the storage either way).
+A quantized weight is a small pytree (codes and scales) that passes through jit
+and remat like any param. int8 row scales are fp32; NF4 block scales are bf16 (a few percent of the storage either way).
 
   params = quant.quantize_params(params, 'nf4')   # then train as usual
-  w_OxI = quant.dense(params['blocks']['att']['key']['weight'])   # [L, O, I] back
+  w_OxI = quant.dense(params['blocks'][0]['att']['key']['weight'])   # layer 0's [O, I] back
 """
 import dataclasses
 
@@ -150,9 +149,9 @@ def quantize_params(params: dict, mode: str) -> dict:
   """
   if mode == 'none':
     return params
-  blocks = params['blocks']
-  for group, name in MATRICES:
-    blocks[group][name]['weight'] = quantize(blocks[group][name]['weight'], mode)
+  for block in params['blocks']:
+    for group, name in MATRICES:
+      block[group][name]['weight'] = quantize(block[group][name]['weight'], mode)
   for name in ('emb', 'head'):
     params[name]['weight'] = quantize(params[name]['weight'], 'int8')
   return params

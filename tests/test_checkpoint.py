@@ -25,8 +25,9 @@ def test_config_is_read_from_shapes(write_checkpoint, dtype):
                    dim_mix_lora=64, dim_decay_lora=128)
   model = rwkv_jax.load(write_checkpoint(cfg, dtype=dtype))
   assert model.cfg == cfg
-  assert model.params['blocks']['att']['key']['weight'].shape == (3, 192, 192)
-  assert model.params['blocks']['att']['key']['weight'].dtype == dtype
+  assert len(model.params['blocks']) == 3
+  assert all(b['att']['key']['weight'].shape == (192, 192) for b in model.params['blocks'])
+  assert model.params['blocks'][2]['att']['key']['weight'].dtype == dtype
 
 
 @pytest.mark.parametrize('with_time_state', [False, True])

@@ -87,9 +87,9 @@ def test_quantized_model_logits_stay_close(mode):
   for seed in (0, 1):
     params = bf16_params(seed)
     reference = forward(params)
-    weight = params['blocks']['ffn']['key']['weight']
+    weight = params['blocks'][1]['ffn']['key']['weight']
     quantized = quant.quantize_params(jax.tree.map(lambda p: p, params), mode)
-    weight_error = relative_rms(quant.dense(quantized['blocks']['ffn']['key']['weight'], jnp.float32),
+    weight_error = relative_rms(quant.dense(quantized['blocks'][1]['ffn']['key']['weight'], jnp.float32),
                                 weight.astype(np.float32))
     assert weight_error < {'int8': 0.01, 'nf4': 0.12}[mode]
     assert relative_rms(forward(quantized), reference) < LOGIT_ERROR_PER_WEIGHT_ERROR * weight_error
@@ -101,10 +101,10 @@ def test_quantize_params_touches_only_the_matrices():
   params = quant.quantize_params(dense, 'nf4')
   quantized = {path for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=quant.is_quantized)
                if quant.is_quantized(leaf)}
-  assert len(quantized) == len(quant.MATRICES) + 2
-  assert isinstance(params['blocks']['ffn']['key']['weight'], quant.NF4Weight)
+  assert len(quantized) == len(quant.MATRICES) * CFG.n_layer + 2
+  assert all(isinstance(b['ffn']['key']['weight'], quant.NF4Weight) for b in params['blocks'])
   assert isinstance(params['emb']['weight'], quant.Int8Weight) and isinstance(params['head']['weight'], quant.Int8Weight)
-  assert isinstance(params['blocks']['att']['time_maa_w1'], np.ndarray)
+  assert isinstance(params['blocks'][0]['att']['time_maa_w1'], np.ndarray)
   ids = np.array([[3, 0, 1023]])
   rows = np.asarray(quant.take_rows(params['emb']['weight'], ids), np.float32)
   assert rows.shape == (1, 3, CFG.n_embd)

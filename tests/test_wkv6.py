@@ -111,10 +111,20 @@ def test_pallas_interpret_via_api(dtype):
   check(_via_api('pallas'), B=2, T=70, H=2, K=64, dtype=dtype)
 
 
-@pytest.mark.parametrize('chunk,block_v,T', [(32, 16, 45), (16, 32, 20)])
-def test_pallas_interpret_tilings(chunk, block_v, T):
-  fn = _pallas(chunk=chunk, block_v=block_v)
+@pytest.mark.parametrize('chunk,sub,block_v,T', [(32, 16, 16, 45), (16, 16, 32, 20), (64, 32, 16, 70)])
+def test_pallas_interpret_tilings(chunk, sub, block_v, T):
+  fn = _pallas(chunk=chunk, sub_out=sub, sub_bwd=sub, block_v=block_v)
   check(fn, B=2, T=T, H=2, K=32, shared_s0=False)
+
+
+# bf16x3 (the default) splits fp32 operands into bf16 parts and runs as written in
+# interpret mode; the log-decay gradient, a difference of sums, is where a coarse
+# dot would show. tf32x3 runs as IEEE fp32 on a CPU.
+@pytest.mark.parametrize('dots,sub,w_high', [('bf16x3', 16, 1.0), ('bf16x3', 32, 1.0), ('bf16x3', 32, 3.0),
+                                             ('tf32x3', 16, 1.0)])
+def test_pallas_interpret_dots(dots, sub, w_high):
+  check(_pallas(dots=dots, chunk=32, sub_out=sub, sub_bwd=sub), B=2, T=70, H=2, K=64, dtype='bfloat16', shared_s0=False,
+        w_high=w_high)
 
 
 # w <= 1 (per-step decay >= exp(-e), as in trained models) keeps every 16-token
@@ -164,9 +174,12 @@ def test_gpu(implementation, B, T, H, dtype):
 
 @pytest.mark.gpu
 @on_gpu
-@pytest.mark.parametrize('chunk,block_v', [(32, 16), (64, 64)])
-def test_gpu_pallas_tilings(chunk, block_v):
-  check(_pallas(chunk=chunk, block_v=block_v), B=2, T=300, H=2, K=64, dtype='bfloat16', shared_s0=False)
+@pytest.mark.parametrize('chunk,sub,block_v,dots', [(64, 16, 64, 'tf32x3'), (32, 16, 16, 'bf16x3'),
+                                                    (32, 32, 32, 'bf16x3'), (64, 32, 16, 'bf16x3')])
+def test_gpu_pallas_tilings(chunk, sub, block_v, dots):
+  fn = _pallas(chunk=chunk, sub_out=sub, sub_bwd=sub, block_v=block_v, dots=dots)
+  check(fn, B=2, T=300, H=2, K=64, dtype='bfloat16', shared_s0=False, w_high=1.0)
+  check(fn, B=2, T=300, H=2, K=64, dtype='bfloat16', shared_s0=False)
 
 
 @pytest.mark.gpu
