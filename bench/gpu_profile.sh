@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where the time and memory go, on the GPU machine (about 5 minutes on an H100):
-#   1. bench/profile_step.py on the 1.6B step (bf16 and nf4): memory accounting, XLA's
-#      memory-usage report of the step, GPU kernel time by kernel
+#   bash bench/gpu_profile.sh ["profile_step.py flags" ...]   e.g. "--model 7B" "--ctx_len 512 --micro_bsz 8"
+#   1. bench/profile_step.py for each quoted set of flags (default: the 1.6B step in bf16 and
+#      nf4): memory accounting, XLA's memory-usage report of the step, GPU kernel time by kernel
 #   2. the same kernel-time profile of WKV-6 forward+backward alone at (1,1024,32,64)
 #   3. bench/wkv6.py's configuration sweep (time and error) at the first two shapes
 # Everything lands in "$OUT": profile.log, memory_*.txt, wkv6.log.
@@ -12,8 +13,10 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/profile.log"
-for quant in none nf4; do
-  timeout 150 python3 bench/profile_step.py --quant "$quant" --dump --out "$OUT" > /dev/null
+(( $# )) || set -- "--quant none" "--quant nf4"
+for flags in "$@"; do
+  # shellcheck disable=SC2086  # each argument is a set of flags
+  timeout 150 python3 bench/profile_step.py $flags --dump --out "$OUT" > /dev/null
 done
 timeout 90 python3 bench/profile_step.py --wkv 1,1024,32,64 --out /tmp/profile_wkv > /dev/null
 cat "$OUT"/profile_*.txt /tmp/profile_wkv/profile_*.txt >> "$OUT/profile.log"
