@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import IMPLEMENTATIONS
-from rwkv_jax import api, checkpoint, cli, data, evaluate, state_io, synthetic, train
+from rwkv_jax import api, checkpoint, cli, data, evaluate, quant, state_io, synthetic, train
 from rwkv_jax.errors import UserError
 
 IGNORED_FLAGS = ('strategy', 'accelerator', 'pre_ffn', 'head_qk', 'fla', 'op')
@@ -211,8 +211,8 @@ def main(argv):
     jax.config.update('jax_default_matmul_precision', 'highest')
   params = cast_params(params, args.precision)
   if args.quant != 'none':
-    from rwkv_jax import quant  # pylint: disable=g-import-not-at-top
     params = quant.quantize_params(params, args.quant)
+  params, embedding = train.host_embedding(params)  # each batch's rows are gathered on the host
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'data'))
@@ -239,7 +239,8 @@ def main(argv):
     eval_model = api.Model(params, cfg, args.implementation)
 
   def eval_loss(state):
-    return evaluate.mean_loss(eval_model, evaluate.eval_batches(eval_sampler), state.init_state.wkv)[0]
+    batches = ((quant.take_rows(embedding, x), y) for x, y in evaluate.eval_batches(eval_sampler))
+    return evaluate.mean_loss(eval_model, batches, state.init_state.wkv)[0]
 
   step_fn = train.make_train_step(cfg, opt, args.implementation, remat=bool(args.grad_cp))
 
@@ -266,7 +267,8 @@ def main(argv):
         while step < (epoch + 1) * steps_per_epoch and step < stop_at:
           inputs, targets = sampler.batch(epoch, step % steps_per_epoch)
           shape = (accumulate, args.micro_bsz * devices, args.ctx_len)
-          inputs, targets = (jax.device_put(a.reshape(shape), batch_sharding) for a in (inputs, targets))
+          inputs = quant.take_rows(embedding, inputs.reshape(shape))
+          inputs, targets = jax.device_put((inputs, targets.reshape(shape)), batch_sharding)
           train_state, loss = step_fn(train_state, params, inputs, targets)
           loss = float(loss)
           if not math.isfinite(loss):

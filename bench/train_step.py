@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
@@ -117,10 +119,11 @@ class JaxRng:
     return jax.random.uniform(self.key, shape, minval=low, maxval=high)
 
 
-def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
+def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0, host_embedding: bool = True) -> dict:
   """bf16 random params on the device in the trainer's tree (checkpoint.build_params), drawn a
   tensor at a time and quantized as drawn, so no fp32 or dense copy of the model ever exists: it
-  would set the process's peak."""
+  would set the process's peak. The embedding goes to host memory as drawn, where the trainer
+  keeps it (train.host_embedding); host_embedding=False keeps it on the device (for eval_shape)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rwkv_jax import checkpoint, quant, synthetic  # pylint: disable=g-import-not-at-top
@@ -137,7 +140,9 @@ def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0) -> dict:
     mode = 'none' if quant_mode == 'none' else (
         quant_mode if name.endswith(matrices) else 'int8' if name in ('emb.weight', 'head.weight') else 'none')
     # One compile per distinct tensor of a layer, not per layer.
-    return draw(re.sub(r'^blocks\.\d+\.', 'blocks.0.', name), shape, next(keys), mode)
+    value = draw(re.sub(r'^blocks\.\d+\.', 'blocks.0.', name), shape, next(keys), mode)
+    # The trainer keeps the embedding on the host (train.host_embedding); so does this, as drawn.
+    return jax.tree.map(np.asarray, value) if host_embedding and name == 'emb.weight' else value
 
   return checkpoint.build_params(cfg, leaf)
 
@@ -149,7 +154,7 @@ def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
   from rwkv_jax import checkpoint, quant, synthetic  # pylint: disable=g-import-not-at-top
   tensors = synthetic.random_checkpoint(cfg, dtype=jnp.bfloat16)
   loaded = quant.quantize_params(checkpoint.params_from_tensors(tensors, cfg), quant_mode)
-  drawn = jax.eval_shape(lambda: random_params(cfg, quant_mode))
+  drawn = jax.eval_shape(lambda: random_params(cfg, quant_mode, host_embedding=False))
   shapes = lambda tree: {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype))
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
   assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors + quantize_params'
@@ -158,27 +163,29 @@ def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
 def jax_worker(case: Case, implementation: str | None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from pallas_kernels.wkv6 import default_implementation  # pylint: disable=g-import-not-at-top
-  from rwkv_jax import train  # pylint: disable=g-import-not-at-top
+  from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
   cfg = MODELS[case.model]
   if case.model == 'tiny':
     check_layout(cfg, case.quant)
-  params = random_params(cfg, case.quant)
-  tokens = jax.random.randint(jax.random.key(1), (1, case.micro_bsz, case.ctx_len + 1), 0, cfg.vocab_size)
-  inputs, targets = tokens[..., :-1], tokens[..., 1:]
+  params, embedding = train.host_embedding(random_params(cfg, case.quant))
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
+  targets = jax.device_put(tokens[..., 1:])
+  # As the trainer does it, inside the timed step: gather the rows on the host, copy them over.
+  inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
   train_state = train.init_train_state(cfg, opt)
   step = train.make_train_step(cfg, opt, implementation, remat=bool(case.grad_cp))
   t0 = time.perf_counter()
-  compiled = step.lower(train_state, params, inputs, targets).compile()
+  compiled = step.lower(train_state, params, inputs(), targets).compile()
   compile_s = time.perf_counter() - t0
   steps, warmup = step_counts(case)
   for _ in range(warmup):
-    train_state, loss = compiled(train_state, params, inputs, targets)
+    train_state, loss = compiled(train_state, params, inputs(), targets)
   jax.block_until_ready((train_state, loss))
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    train_state, loss = compiled(train_state, params, inputs, targets)
+    train_state, loss = compiled(train_state, params, inputs(), targets)
     jax.block_until_ready((train_state, loss))
     times.append(time.perf_counter() - t0)
   stats = jax.devices()[0].memory_stats() or {}

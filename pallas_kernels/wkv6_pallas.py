@@ -17,8 +17,8 @@ chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
                  (Config.sub_out / sub_bwd), o = (r * exp(ge)) S^T + A v, with A
                  split at a reference point for each earlier sub-chunk (two
                  dots); the diagonal sub-chunk is split the same way where its
-                 decay span allows, else takes pairwise exponentials a key row at
-                 a time (DOT_SPAN). Loops rather than unrolling, and [sub, K]
+                 decay span allows (in the forward, per half where it does not),
+                 else takes pairwise exponentials a key row at a time (DOT_SPAN). Loops rather than unrolling, and [sub, K]
                  tiles rather than [C, C, K] blocks, keep the kernels inside the
                  register file.
   backward      the same two shapes: a reverse state kernel carries dS (its
@@ -120,29 +120,54 @@ def _strictly_lower(a_CxC):
 # A is one dot split at the sub-chunk's middle row `ref` (per channel),
 # (r exp(ge - ref)) (k exp(ref - gi))^T, wherever both factors stay within
 # exp(+-DOT_SPAN), far inside fp32: the middle halves the largest exponent the
-# start row would give. A wider span (decay below exp(-60) within half a
-# sub-chunk: rare in trained models, common in the tests) takes one key row s
-# per step instead, so the pairwise exponentials live as a [C, K] tile at a time
-# rather than a [C, C, K] block.
+# start row would give. Where the span is wider, the forward tries two dots
+# (see _diagonal_fwd's by_halves), which halve it again; past that (decay
+# below exp(-60) within a quarter sub-chunk: rare in trained models, common in
+# the tests) one key row s is taken per step, so the pairwise exponentials live
+# as a [C, K] tile at a time rather than a [C, C, K] block.
 DOT_SPAN = 60.0
 
 
-def _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, operand):
+def _mid(gi_ref, start, rows):
+  """ge of the middle row of `rows` rows from `start` (= gi of the row before it)."""
+  return gi_ref[pl.ds(start + rows // 2 - 1, 1), :]
+
+
+def _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, operand, by_halves=None):
   if cfg.diag == 'rows':
     return by_rows(operand)
-  ref = gi_ref[pl.ds(base + gi.shape[0] // 2 - 1, 1), :]  # = ge of the middle row
-  span = jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi))
-  return lax.cond(span <= DOT_SPAN, functools.partial(by_dot, ref), by_rows, operand)
+  C = gi.shape[0]
+  span = lambda ref: jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi))
+  fallback = by_rows
+  if by_halves is not None:
+    top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < C // 2
+    ref_CxK = jnp.where(top, _mid(gi_ref, base, C // 2), _mid(gi_ref, base + C // 2, C // 2))
+    fallback = lambda x: lax.cond(span(ref_CxK) <= DOT_SPAN, functools.partial(by_halves, ref_CxK), by_rows, x)
+  ref = _mid(gi_ref, base, C)
+  return lax.cond(span(ref) <= DOT_SPAN, functools.partial(by_dot, ref), fallback, operand)
 
 
 def _diagonal_fwd(cfg, refs, base, r, k, v, gi, ge, o):
   """Adds the causal in-sub-chunk term sum_{s<t} A[t,s] v_s to o."""
   k_ref, v_ref, gi_ref = refs
   mode = _mode(cfg)
+  C = r.shape[0]
 
   def by_dot(ref, o):
     a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True))
     return o + _dot(a, v, mode)
+
+  def by_halves(ref_CxK, o):
+    # Pairs within a half use that half's middle row (ref_CxK, per row); pairs
+    # across the halves use the boundary, where both factors are <= 1. Each
+    # dot's entries for the other kind of pair may overflow and are selected away.
+    within = _dot(r * jnp.exp(ge - ref_CxK), k * jnp.exp(ref_CxK - gi), mode, trans_b=True)
+    edge = _mid(gi_ref, base, C)
+    across = _dot(r * jnp.exp(jnp.minimum(ge - edge, 0.0)), k * jnp.exp(jnp.minimum(edge - gi, 0.0)), mode,
+                  trans_b=True)
+    row = lax.broadcasted_iota(jnp.int32, (C, C), 0) < C // 2
+    col = lax.broadcasted_iota(jnp.int32, (C, C), 1) < C // 2
+    return o + _dot(_strictly_lower(jnp.where(row == col, within, across)), v, mode)
 
   def by_rows(o):
     row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
@@ -155,7 +180,7 @@ def _diagonal_fwd(cfg, refs, base, r, k, v, gi, ge, o):
 
     return lax.fori_loop(0, r.shape[0], body, o)
 
-  return _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, o)
+  return _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, o, by_halves)
 
 
 def _diagonal_bwd(cfg, refs, base, r, k, v, gi, ge, do, grads):
@@ -265,17 +290,11 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
   G = gi_ref[L - 1:L, :]
   load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :]  # r, k, v stay raw for bf16x3
 
-  # d/dG of everything in the chunk is colsum(S_end * dS_end).
-  def end_state_term(j, acc):
-    kd = load(k_ref, j) * jnp.exp(G - load(gi_ref, j))
-    return acc + jnp.sum(kd * _dot(load(v_ref, j), dh_ref[...], mode), axis=0, keepdims=True)
-
-  dG = lax.fori_loop(0, n_sub, end_state_term,
-                     jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
   upper_CxC = (lax.broadcasted_iota(jnp.int32, (C, C), 1)
                >= lax.broadcasted_iota(jnp.int32, (C, C), 0)).astype(f32)
 
-  def body(i, suffix):
+  def body(i, carry):
+    suffix, dG = carry
     b = n_sub - 1 - i
     r, k, v, do, gi, g = (load(ref, b) for ref in (r_ref, k_ref, v_ref, do_ref, gi_ref, g_ref))
     ge = gi - g
@@ -301,20 +320,24 @@ def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
               dv_acc + _dot(_dot(kq, rmat, mode, trans_b=True), do_j, mode))
 
     dk_acc, dv_acc = lax.fori_loop(b + 1, n_sub, later, (jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32)))
-    dk = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode) + jnp.exp(gm - gi) * dk_acc
+    dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
+    dk = dk_end + jnp.exp(gm - gi) * dk_acc
     dv = _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True) + dv_acc
     dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref, gi_ref), b * C, r, k, v, gi, ge, do, (dr, dk, dv))
     # Log-decay gradient: reverse cumsum of r*dr - k*dk, r-part exclusive.
     dge = r * dr
     x = dge - k * dk
     rows = pl.ds(pl.multiple_of(b * C, C), C)
-    dg_ref[rows, :] = _dot(upper_CxC, x, 'ieee') + suffix - dge + dG
+    dg_ref[rows, :] = _dot(upper_CxC, x, 'ieee') + suffix - dge
     dr_ref[rows, :] = dr
     dk_ref[rows, :] = dk
     dv_ref[rows, :] = dv
-    return suffix + jnp.sum(x, axis=0, keepdims=True)
+    return suffix + jnp.sum(x, axis=0, keepdims=True), dG + jnp.sum(k * dk_end, axis=0, keepdims=True)
 
-  lax.fori_loop(0, n_sub, body, jnp.zeros((1, K), f32))
+  # Every row's log decay also scales the chunk's end state: d/dG = colsum(S_end * dS_end),
+  # whose in-chunk part sum_s k_s * dk_end_s the loop gathers.
+  _, dG = lax.fori_loop(0, n_sub, body, (jnp.zeros((1, K), f32), jnp.zeros((1, K), f32)))
+  dg_ref[...] += jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True) + dG
 
 
 # ----------------------------------------------------------------------------- pallas_calls

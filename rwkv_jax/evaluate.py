@@ -47,14 +47,16 @@ def shared_state(model_: api.Model, state_LxHxVxK=None) -> model.State:
 def mean_loss(model_: api.Model, batches, state_LxHxVxK=None) -> tuple[float, int]:
   """Mean next-token loss (nats) over every unmasked target of `batches`, and how many there were.
 
-  batches: (inputs_BxT, targets_BxT) int pairs, targets IGNORE_INDEX where no loss is taken.
+  batches: (inputs_BxT, targets_BxT) pairs, targets IGNORE_INDEX where no loss is taken, inputs
+  token ids or their embedding rows (model.hidden_states).
   state_LxHxVxK: the initial WKV state shared by every sequence; None: the model's own
   (zeros, or the state merged into it).
   """
   state = shared_state(model_, state_LxHxVxK)
   total, count = 0.0, 0
   for inputs_BxT, targets_BxT in batches:
-    loss_sum, n = _loss_sum(model_.params, model_.cfg, jnp.asarray(inputs_BxT, jnp.int32),
+    inputs_BxT = inputs_BxT if model.is_embedded(inputs_BxT) else jnp.asarray(inputs_BxT, jnp.int32)
+    loss_sum, n = _loss_sum(model_.params, model_.cfg, inputs_BxT,
                             jnp.asarray(targets_BxT, jnp.int32), state, model_.implementation)
     total, count = total + float(loss_sum), count + int(n)
   return (total / count if count else float('nan')), count

@@ -3,8 +3,9 @@
 Precision: weights stay in the dtype they were loaded in; matrix products run in
 that dtype with fp32 accumulation and return that dtype, as the official bf16
 model's do (so their backward products stay in bf16 too, with no fp32 copy of a
-weight). The residual stream between blocks is held in that dtype too (rounded
-once per sum); norms, activations, decays and the WKV state are fp32.
+weight). Activations between the products are held in that dtype too, as the
+official bf16 model holds them (each norm and each residual sum is formed in
+fp32 and rounded once); the decays, the WKV state and its output are fp32.
 
 Layers run as a Python loop over `params['blocks']`, a list of per-layer dicts,
 each block its own remat (grad_cp) unit. A `lax.scan` over weights stacked on a
@@ -95,20 +96,20 @@ def token_shift(x_BxTxC, last_BxC):
 def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
   B, T, C = x_BxTxC.shape
   H, N = cfg.n_head, cfg.head_size
+  act = lambda a: a.astype(x_BxTxC.dtype)
   xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
-  xxx = x_BxTxC + xx * f32(p['time_maa_x'])
+  xxx = x_BxTxC + xx * act(p['time_maa_x'])
   m_BxTx5xD = jnp.tanh(dot(xxx, p['time_maa_w1'])).reshape(B, T, 5, -1)
-  m_5xBxTxC = jnp.einsum('btfd,fdc->fbtc', m_BxTx5xD.astype(p['time_maa_w2'].dtype), p['time_maa_w2'],
-                         preferred_element_type=jnp.float32)
-  xw, xk, xv, xr, xg = (x_BxTxC + xx * (f32(p[f'time_maa_{c}']) + m_5xBxTxC[i]) for i, c in enumerate('wkvrg'))
+  m_5xBxTxC = jnp.einsum('btfd,fdc->fbtc', m_BxTx5xD.astype(p['time_maa_w2'].dtype), p['time_maa_w2'])
+  xw, xk, xv, xr, xg = (x_BxTxC + xx * act(act(p[f'time_maa_{c}']) + m_5xBxTxC[i]) for i, c in enumerate('wkvrg'))
 
-  # r, k, v enter the WKV kernel in the weights' dtype (bf16 halves its memory traffic); the
-  # decay and the state stay fp32.
-  heads = lambda y: y.reshape(B, T, H, N).astype(p['receptance']['weight'].dtype)
+  # r, k, v enter the WKV kernel in the activations' dtype (bf16 halves its memory traffic);
+  # the decay and the state stay fp32.
+  heads = lambda y: act(y).reshape(B, T, H, N)
   r = heads(linear(xr, p['receptance']['weight']))
   k = heads(linear(xk, p['key']['weight']))
   v = heads(linear(xv, p['value']['weight']))
-  g = jax.nn.silu(f32(linear(xg, p['gate']['weight'])))
+  g = jax.nn.silu(act(linear(xg, p['gate']['weight'])))
   w = (f32(p['time_decay']) + dot(jnp.tanh(dot(xw, p['time_decay_w1'])), p['time_decay_w2'])).reshape(B, T, H, N)
   y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(p['time_faaaa']), wkv_state, implementation=implementation)
 
@@ -116,32 +117,42 @@ def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
   var = jnp.square(y_BxTxHxN - mean).mean(-1, keepdims=True)
   y = ((y_BxTxHxN - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(B, T, C)
   y = y * f32(p['ln_x']['weight']) + f32(p['ln_x']['bias'])
-  return f32(linear(y * g, p['output']['weight'])), x_BxTxC[:, -1], wkv_state
+  return linear(y * g, p['output']['weight']), f32(x_BxTxC[:, -1]), wkv_state
 
 
 def channel_mix(p, x_BxTxC, shift_BxC):
+  act = lambda a: a.astype(x_BxTxC.dtype)
   xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
-  xk = x_BxTxC + xx * f32(p['time_maa_k'])
-  xr = x_BxTxC + xx * f32(p['time_maa_r'])
-  k = jnp.square(jax.nn.relu(f32(linear(xk, p['key']['weight']))))
-  r = jax.nn.sigmoid(f32(linear(xr, p['receptance']['weight'])))
-  return r * f32(linear(k, p['value']['weight'])), x_BxTxC[:, -1]
+  xk = x_BxTxC + xx * act(p['time_maa_k'])
+  xr = x_BxTxC + xx * act(p['time_maa_r'])
+  k = jnp.square(jax.nn.relu(act(linear(xk, p['key']['weight']))))
+  r = jax.nn.sigmoid(act(linear(xr, p['receptance']['weight'])))
+  return r * act(linear(k, p['value']['weight'])), f32(x_BxTxC[:, -1])
 
 
 def block(x_BxTxC, layer, cfg: RWKVConfig, implementation):
   p, wkv_state, att_shift, ffn_shift = layer
-  B = x_BxTxC.shape[0]
+  B, dtype = x_BxTxC.shape[0], x_BxTxC.dtype
   att_out, att_shift, wkv_state = time_mix(
-      p['att'], layer_norm(x_BxTxC, p['ln1']), jnp.broadcast_to(att_shift, (B, cfg.n_embd)), wkv_state, cfg,
-      implementation)
-  x_BxTxC = (x_BxTxC + att_out).astype(x_BxTxC.dtype)
-  ffn_out, ffn_shift = channel_mix(p['ffn'], layer_norm(x_BxTxC, p['ln2']),
+      p['att'], layer_norm(x_BxTxC, p['ln1']).astype(dtype), jnp.broadcast_to(att_shift, (B, cfg.n_embd)),
+      wkv_state, cfg, implementation)
+  x_BxTxC = (f32(x_BxTxC) + f32(att_out)).astype(dtype)
+  ffn_out, ffn_shift = channel_mix(p['ffn'], layer_norm(x_BxTxC, p['ln2']).astype(dtype),
                                    jnp.broadcast_to(ffn_shift, (B, cfg.n_embd)))
-  return (x_BxTxC + ffn_out).astype(x_BxTxC.dtype), (wkv_state, att_shift, ffn_shift)
+  return (f32(x_BxTxC) + f32(ffn_out)).astype(dtype), (wkv_state, att_shift, ffn_shift)
 
 
-def hidden_states(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implementation=None, remat=False):
+def is_embedded(inputs) -> bool:
+  """Whether model inputs are embedding rows (quant.take_rows of the embedding) rather than token ids."""
+  return quant.is_quantized(inputs) or jnp.issubdtype(inputs.dtype, jnp.floating)
+
+
+def hidden_states(params, cfg: RWKVConfig, inputs_BxT, state: State, *, implementation=None, remat=False):
   """Embedding -> all blocks -> ln_out. Returns (x [B, T, C] fp32, final State with a batch axis).
+
+  inputs_BxT: token ids, or their embedding rows [B, T, C] (quant.take_rows of
+  the embedding; the trainer gathers them on the host and keeps the table off
+  the GPU, so `params` may then lack `emb`).
 
   Between blocks the residual stream is held in the weights' dtype, as the
   official bf16 model holds it; each sum is formed in fp32 and rounded once.
@@ -149,7 +160,8 @@ def hidden_states(params, cfg: RWKVConfig, tokens_BxT, state: State, *, implemen
   """
   blocks = params['blocks']
   dtype = blocks[0]['att']['receptance']['weight'].dtype
-  x_BxTxC = layer_norm(quant.take_rows(params['emb']['weight'], tokens_BxT), params['ln0']).astype(dtype)
+  rows_BxTxC = inputs_BxT if is_embedded(inputs_BxT) else quant.take_rows(params['emb']['weight'], inputs_BxT)
+  x_BxTxC = layer_norm(quant.dense(rows_BxTxC), params['ln0']).astype(dtype)
   body = functools.partial(block, cfg=cfg, implementation=implementation)
   if remat:
     body = jax.checkpoint(body)

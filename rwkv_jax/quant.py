@@ -83,8 +83,10 @@ def dense(w, dtype=None):
 
 
 def take_rows(w, ids):
-  """Rows `ids` of a [V, C] matrix (the embedding), only those rows expanded."""
-  return dense(jax.tree.map(lambda leaf: jnp.take(leaf, ids, axis=0), w))
+  """Rows `ids` of a [V, C] matrix (the embedding) in the form it is stored in (`dense` expands
+  them). A weight held in host memory (numpy leaves) is gathered on the host."""
+  take = np.take if isinstance(jax.tree.leaves(w)[0], np.ndarray) else jnp.take
+  return jax.tree.map(lambda leaf: take(leaf, ids, axis=0), w)
 
 
 def _nf4_dequantize(w: NF4Weight):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_state
-from rwkv_jax import checkpoint, cli, data, state_io, synthetic, train
+from rwkv_jax import checkpoint, cli, data, quant, state_io, synthetic, train
 from tests.conftest import assert_one_line_error
 
 TRAIN = [sys.executable, 'train_state.py']
@@ -74,6 +74,25 @@ def test_gradient_accumulation_equals_the_mean_of_micro_batches():
   before = np.array(state.wkv)  # the step donates (deletes) its input state
   new, _ = train.make_train_step(cfg, opt)(ts, params, tokens[:, :, :-1], tokens[:, :, 1:])
   np.testing.assert_allclose(before - new.init_state.wkv, (per_batch[0] + per_batch[1]) / 2, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize('quant_mode', ['none', 'int8'])
+def test_step_on_host_gathered_embedding_rows_equals_step_on_tokens(quant_mode):
+  """The trainer keeps the embedding on the host and feeds the step its rows: same loss, same update."""
+  cfg = synthetic.TINY
+  params = checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=5, dtype=jnp.bfloat16), cfg)
+  params = quant.quantize_params(params, quant_mode) if quant_mode != 'none' else params
+  device_params, embedding = train.host_embedding(params)
+  assert 'emb' not in device_params and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(embedding))
+  tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 2, 17)).astype(np.int32)
+  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 5, 200))
+  step = train.make_train_step(cfg, opt)
+  results = []
+  for p, inputs in ((params, tokens[..., :-1]), (device_params, quant.take_rows(embedding, tokens[..., :-1]))):
+    state, loss = step(train.init_train_state(cfg, opt), jax.tree.map(jnp.asarray, p), inputs, tokens[..., 1:])
+    results.append((float(loss), np.asarray(state.init_state.wkv)))
+  assert results[0][0] == results[1][0]
+  np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize('kind', ['cos', 'exp', 'wsd'])
