@@ -126,8 +126,8 @@ def _table(results):
   return '\n'.join(lines)
 
 
-SWEEP_VARIANTS = ({}, dict(dots='tf32x3'), dict(sub_out=16), dict(sub_bwd=32), dict(sub_bwd=32, warps_bwd=8),
-                  dict(chunk=64), dict(warps_out=8), dict(dots='tf32'), dict(block_v=32), dict(diag='rows'))
+SWEEP_VARIANTS = ({}, dict(state_steps=1), dict(chunk=32), dict(warps_bwd=8), dict(warps_out=8), dict(dots='tf32x3'),
+                  dict(dots='tf32'), dict(block_v=16), dict(diag='rows'))
 
 
 def worst_error(op, B=2, T=300, H=4, K=64):

@@ -4,7 +4,11 @@ Lowering: Pallas' Triton backend (`pltriton.CompilerParams`). It is deprecated
 in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops
-and row/column reductions, so it can move to another lowering.
+and row/column reductions, so it can move to another lowering. Measured on an
+H100 (bench/results/wkv6_*_2026-11-28e), fwd+bwd with bf16 inputs: 0.36 /
+1.00 / 14.5 ms at (B,T,H,K) = (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64),
+fla's chunk_rwkv6 1.91 / 2.19 / 14.7 ms in the same run. Not yet measured on
+an Ampere or Ada card; a Mosaic GPU (wgmma) variant for Hopper is not built.
 
 Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
 chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the
@@ -13,14 +17,12 @@ chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
                  S <- S * exp(G) + v^T (k * exp(G - gi))
-  chunk kernel  (grid chunks x B x H, fully parallel): per sub-chunk of rows
-                 (Config.sub_out / sub_bwd), o = (r * exp(ge)) S^T + A v, with A
-                 split at a reference point for each earlier sub-chunk (two
-                 dots); the diagonal sub-chunk is split the same way where its
-                 decay span allows (in the forward, per half where it does not),
-                 else takes pairwise exponentials a key row at a time (DOT_SPAN). Loops rather than unrolling, and [sub, K]
-                 tiles rather than [C, C, K] blocks, keep the kernels inside the
-                 register file.
+  chunk kernel  (grid chunks x B x H, fully parallel): one chunk of rows,
+                 o = (r * exp(ge)) S^T + A v, the causal in-chunk A as a dot of
+                 factors split at the chunk's middle row where its decay span
+                 allows (in the forward, per half where it does not), else as
+                 pairwise exponentials a key row at a time (see DOT_SPAN), as
+                 [L, K] tiles rather than an [L, L, K] block.
   backward      the same two shapes: a reverse state kernel carries dS (its
                  final value is d s0) and stores each chunk's end-state gradient;
                  a parallel chunk kernel recomputes A from the stored states and
@@ -29,8 +31,8 @@ chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
                  (bonus-free gradients, dG = colsum(S_end * dS_end)).
 
 The bonus u (elementwise, in XLA inside the custom VJP), the chain rule through
--exp(w) and the padding of T to a whole number of chunks (k = v = r = 0, g = 0,
-i.e. decay 1) are plain JAX.
+-exp(w) and the padding of T to a whole number of state steps (k = v = r = 0,
+g = 0, i.e. decay 1) are plain JAX.
 Dots run at HIGHEST (IEEE fp32) for fp32 inputs and as bf16x3 (see _dot) for
 bf16 inputs.
 """
@@ -54,18 +56,22 @@ class Config:
   fwd+bwd at (1,1024,32,64) / (8,512,32,64), same-call comparisons: 3xTF32
   dots 0.82 / 2.80 ms, bf16x3 dots 0.50 / 1.54 ms (the worst error stays the
   bf16 rounding of dv, 1.7e-3; the decay gradient's goes from 1e-5 to ~3e-4).
-  A 32-row sub-chunk makes the forward 20% faster and the backward slower
-  (more live registers), hence two sizes. Chunk 64 and 8 warps were slower.
-  Plain TF32 dots reach 0.42 / 1.25 ms but put the decay gradient at 4e-3
-  relative RMS, too close to the 5e-3 bound for bf16 inputs.
+  16-row chunks (bench/results/wkv6_sweep_session5_*): the 32-row backward ran
+  at ptxas' 255-register cap with 1.3 KB spilled; at 16 rows it holds half the
+  live tiles, and fwd+bwd went 0.52 / 1.57 / 23.0 -> 0.41 / 1.00 / 14.6 ms,
+  adding (8,4096,64,64), though its forward is slower (twice the stored states
+  and state steps; a 32-row chunk now gives 0.15 / 0.41 / 5.7 ms forward and
+  0.42 / 1.28 / 17.4 fwd+bwd). Two state steps a loop iteration: 0.40 -> 0.37
+  ms at (1,1024), 0.98 -> 1.02 at (8,512). 8 warps were slower.
+  Plain TF32 dots are ~5% faster but put the decay gradient at 4e-3 to 1.2e-2
+  relative RMS, over the 5e-3 bound for bf16 inputs.
   """
-  chunk: int = 32           # T-block of the parallel kernels; multiple of both sub-chunks
-  sub_out: int = 32         # rows of a sub-chunk in the forward output kernel (Triton dots need >= 16)
-  sub_bwd: int = 16         # rows of a sub-chunk in the backward chunk kernel (fewer registers than 32)
+  chunk: int = 16           # rows of a parallel program and of a state step (Triton dots need >= 16)
   block_v: int = 32         # V-tile of the sequential state kernels (more tiles, more programs)
+  state_steps: int = 2      # chunks per loop iteration of the state kernels (T is padded to a multiple)
   exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
   dots: str = 'bf16x3'      # dots for bf16 inputs: 'bf16x3', 'tf32x3', 'tf32' or 'ieee' (see _dot)
-  diag: str = 'auto'        # diagonal sub-chunk: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
+  diag: str = 'auto'        # the in-chunk term: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
   interpret: bool = False
   warps_state: int = 4
   warps_out: int = 4
@@ -111,113 +117,125 @@ def _masked_exp(mask, x):
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
-def _strictly_lower(a_CxC):
-  row = lax.broadcasted_iota(jnp.int32, a_CxC.shape, 0)
-  return jnp.where(row > lax.broadcasted_iota(jnp.int32, a_CxC.shape, 1), a_CxC, 0.0)
+def _strictly_lower(a_LxL):
+  row = lax.broadcasted_iota(jnp.int32, a_LxL.shape, 0)
+  return jnp.where(row > lax.broadcasted_iota(jnp.int32, a_LxL.shape, 1), a_LxL, 0.0)
 
 
-# The diagonal sub-chunk, A[t,s] = sum_j r_tj k_sj exp(ge_tj - gi_sj) for s < t.
-# A is one dot split at the sub-chunk's middle row `ref` (per channel),
+# The causal in-chunk term, A[t,s] = sum_j r_tj k_sj exp(ge_tj - gi_sj) for s < t.
+# A is one dot split at the chunk's middle row `ref` (per channel),
 # (r exp(ge - ref)) (k exp(ref - gi))^T, wherever both factors stay within
 # exp(+-DOT_SPAN), far inside fp32: the middle halves the largest exponent the
 # start row would give. Where the span is wider, the forward tries two dots
 # (see _diagonal_fwd's by_halves), which halve it again; past that (decay
-# below exp(-60) within a quarter sub-chunk: rare in trained models, common in
-# the tests) one key row s is taken per step, so the pairwise exponentials live
-# as a [C, K] tile at a time rather than a [C, C, K] block.
+# below exp(-60) within a quarter chunk: rare in trained models, common in the
+# tests) one key row s is taken per step, so the pairwise exponentials live as
+# an [L, K] tile at a time rather than an [L, L, K] block.
 DOT_SPAN = 60.0
 
 
 def _mid(gi_ref, start, rows):
   """ge of the middle row of `rows` rows from `start` (= gi of the row before it)."""
-  return gi_ref[pl.ds(start + rows // 2 - 1, 1), :]
+  return gi_ref[start + rows // 2 - 1:start + rows // 2, :]
 
 
-def _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, operand, by_halves=None):
+def _by_span(cfg, gi_ref, gi, ge, by_dot, by_rows, operand, by_halves=None):
   if cfg.diag == 'rows':
     return by_rows(operand)
-  C = gi.shape[0]
+  L = gi.shape[0]
   span = lambda ref: jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi))
   fallback = by_rows
   if by_halves is not None:
-    top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < C // 2
-    ref_CxK = jnp.where(top, _mid(gi_ref, base, C // 2), _mid(gi_ref, base + C // 2, C // 2))
-    fallback = lambda x: lax.cond(span(ref_CxK) <= DOT_SPAN, functools.partial(by_halves, ref_CxK), by_rows, x)
-  ref = _mid(gi_ref, base, C)
+    top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < L // 2
+    ref_LxK = jnp.where(top, _mid(gi_ref, 0, L // 2), _mid(gi_ref, L // 2, L // 2))
+    fallback = lambda x: lax.cond(span(ref_LxK) <= DOT_SPAN, functools.partial(by_halves, ref_LxK), by_rows, x)
+  ref = _mid(gi_ref, 0, L)
   return lax.cond(span(ref) <= DOT_SPAN, functools.partial(by_dot, ref), fallback, operand)
 
 
-def _diagonal_fwd(cfg, refs, base, r, k, v, gi, ge, o):
-  """Adds the causal in-sub-chunk term sum_{s<t} A[t,s] v_s to o."""
+def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
+  """Adds the causal in-chunk term sum_{s<t} A[t,s] v_s to o."""
   k_ref, v_ref, gi_ref = refs
   mode = _mode(cfg)
-  C = r.shape[0]
+  L = r.shape[0]
 
   def by_dot(ref, o):
     a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True))
     return o + _dot(a, v, mode)
 
-  def by_halves(ref_CxK, o):
-    # Pairs within a half use that half's middle row (ref_CxK, per row); pairs
+  def by_halves(ref_LxK, o):
+    # Pairs within a half use that half's middle row (ref_LxK, per row); pairs
     # across the halves use the boundary, where both factors are <= 1. Each
     # dot's entries for the other kind of pair may overflow and are selected away.
-    within = _dot(r * jnp.exp(ge - ref_CxK), k * jnp.exp(ref_CxK - gi), mode, trans_b=True)
-    edge = _mid(gi_ref, base, C)
+    within = _dot(r * jnp.exp(ge - ref_LxK), k * jnp.exp(ref_LxK - gi), mode, trans_b=True)
+    edge = _mid(gi_ref, 0, L)
     across = _dot(r * jnp.exp(jnp.minimum(ge - edge, 0.0)), k * jnp.exp(jnp.minimum(edge - gi, 0.0)), mode,
                   trans_b=True)
-    row = lax.broadcasted_iota(jnp.int32, (C, C), 0) < C // 2
-    col = lax.broadcasted_iota(jnp.int32, (C, C), 1) < C // 2
+    row = lax.broadcasted_iota(jnp.int32, (L, L), 0) < L // 2
+    col = lax.broadcasted_iota(jnp.int32, (L, L), 1) < L // 2
     return o + _dot(_strictly_lower(jnp.where(row == col, within, across)), v, mode)
 
   def by_rows(o):
-    row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+    row_LxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
 
     def body(s, o):
-      row = pl.ds(base + s, 1)
-      e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
+      row = pl.ds(s, 1)
+      e = _masked_exp(row_LxK > s, ge - gi_ref[row, :])
       a_col = jnp.sum(r * k_ref[row, :].astype(f32) * e, axis=1, keepdims=True)
       return o + a_col * v_ref[row, :].astype(f32)
 
     return lax.fori_loop(0, r.shape[0], body, o)
 
-  return _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, o, by_halves)
+  return _by_span(cfg, gi_ref, gi, ge, by_dot, by_rows, o, by_halves)
 
 
-def _diagonal_bwd(cfg, refs, base, r, k, v, gi, ge, do, grads):
-  """Adds the in-sub-chunk terms of (dr, dk, dv)."""
+def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
+  """The in-chunk terms of (dr, dk, dv)."""
   k_ref, v_ref, gi_ref = refs
   mode = _mode(cfg)
 
-  def by_dot(ref, grads):
-    dr, dk, dv = grads
+  def by_dot(ref, _):
     q, kq = r * jnp.exp(ge - ref), k * jnp.exp(ref - gi)
     a = _strictly_lower(_dot(q, kq, mode, trans_b=True))
     da = _strictly_lower(_dot(do, v, mode, trans_b=True))
-    return (dr + jnp.exp(ge - ref) * _dot(da, kq, mode), dk + jnp.exp(ref - gi) * _dot(da, q, mode, trans_a=True),
-            dv + _dot(a, do, mode, trans_a=True))
+    return (jnp.exp(ge - ref) * _dot(da, kq, mode), jnp.exp(ref - gi) * _dot(da, q, mode, trans_a=True),
+            _dot(a, do, mode, trans_a=True))
 
   def by_rows(grads):
-    row_CxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
-    row_CxV = lax.broadcasted_iota(jnp.int32, do.shape, 0)
+    row_LxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+    row_LxV = lax.broadcasted_iota(jnp.int32, do.shape, 0)
 
     def body(s, grads):
       dr, dk, dv = grads
-      row = pl.ds(base + s, 1)
+      row = pl.ds(s, 1)
       k_s = k_ref[row, :].astype(f32)
-      e = _masked_exp(row_CxK > s, ge - gi_ref[row, :])
+      e = _masked_exp(row_LxK > s, ge - gi_ref[row, :])
       dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
       a_col = jnp.sum(r * k_s * e, axis=1, keepdims=True)
       dr += dA_col * k_s * e
-      dk += jnp.where(row_CxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
-      dv += jnp.where(row_CxV == s, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
+      dk += jnp.where(row_LxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
+      dv += jnp.where(row_LxV == s, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
       return dr, dk, dv
 
     return lax.fori_loop(0, r.shape[0], body, grads)
 
-  return _by_span(cfg, gi_ref, base, gi, ge, by_dot, by_rows, grads)
+  zeros = (jnp.zeros(r.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32))
+  return _by_span(cfg, gi_ref, gi, ge, by_dot, by_rows, zeros)
 
 
 # ----------------------------------------------------------------------------- forward
+
+
+def _over_chunks(cfg, n_chunks, step, carry):
+  """step(n, carry) for n = 0 .. n_chunks-1, Config.state_steps chunks a loop iteration: a
+  chunk's loads and dot do not depend on the carried state, so unrolled they overlap the
+  previous chunk's update instead of waiting for the loop's next turn."""
+  def body(i, carry):
+    for j in range(cfg.state_steps):
+      carry = step(i * cfg.state_steps + j, carry)
+    return carry
+
+  return lax.fori_loop(0, n_chunks // cfg.state_steps, body, carry)
 
 
 def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
@@ -232,33 +250,14 @@ def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chu
     v = v_ref[pl.ds(start, L), :]
     return s_VxK * jnp.exp(G) + _dot(v, kd, mode, trans_a=True)
 
-  sT_ref[...] = lax.fori_loop(0, n_chunks, body, s0_ref[...])
+  sT_ref[...] = _over_chunks(cfg, n_chunks, body, s0_ref[...])
 
 
 def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
-  # Loops over sub-chunks and sub-chunk pairs keep every live tile [C, K]
-  # (see _chunk_bwd_kernel).
-  L, C, mode = cfg.chunk, cfg.sub_out, _mode(cfg)
-  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :]  # r, k, v stay raw for bf16x3
-
-  def body(i, carry):
-    r, k, v, gi, g = (load(ref, i) for ref in (r_ref, k_ref, v_ref, gi_ref, g_ref))
-    ge = gi - g
-    # Earlier sub-chunks j < i, split at the reference point gn (the clamp only
-    # matters for i = 0, where acc = 0).
-    gn = gi_ref[pl.ds(jnp.maximum(i * C - 1, 0), 1), :]
-    q = r * jnp.exp(jnp.minimum(ge - gn, 0.0))
-
-    def earlier(j, acc):
-      kmat = load(k_ref, j) * jnp.exp(gn - load(gi_ref, j))
-      return acc + _dot(_dot(q, kmat, mode, trans_b=True), load(v_ref, j), mode)
-
-    o = lax.fori_loop(0, i, earlier, _dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True))
-    o_ref[pl.ds(pl.multiple_of(i * C, C), C), :] = _diagonal_fwd(
-        cfg, (k_ref, v_ref, gi_ref), i * C, r, k, v, gi, ge, o)
-    return carry
-
-  lax.fori_loop(0, L // C, body, 0)
+  r, k, v, gi = r_ref[...], k_ref[...], v_ref[...], gi_ref[...]  # r, k, v stay raw for bf16x3
+  ge = gi - g_ref[...]
+  o = _dot(r * jnp.exp(ge), h_ref[...], _mode(cfg), trans_b=True)
+  o_ref[...] = _diagonal_fwd(cfg, (k_ref, v_ref, gi_ref), r, k, v, gi, ge, o)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -276,68 +275,32 @@ def _state_bwd_kernel(r_ref, g_ref, gi_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *,
     rq = r_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(gi - g_ref[pl.ds(start, L), :])
     return ds_VxK * jnp.exp(G) + _dot(do_ref[pl.ds(start, L), :], rq, mode, trans_a=True)
 
-  ds0_ref[...] = lax.fori_loop(0, n_chunks, body, dsT_ref[...])
+  ds0_ref[...] = _over_chunks(cfg, n_chunks, body, dsT_ref[...])
 
 
 def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
                       dr_ref, dk_ref, dv_ref, dg_ref, *, cfg):
-  # Loops (not Python unrolling) over sub-chunks, and sub-chunk pairs for the
-  # off-diagonal blocks of A: every live tile is [C, K] or [C, C], which keeps
-  # the kernel within the register file.
-  L, C, mode = cfg.chunk, cfg.sub_bwd, _mode(cfg)
-  K = k_ref.shape[-1]
-  n_sub = L // C
+  L, mode = cfg.chunk, _mode(cfg)
+  r, k, v, do, gi = r_ref[...], k_ref[...], v_ref[...], do_ref[...], gi_ref[...]  # r, k, v stay raw for bf16x3
+  ge = gi - g_ref[...]
   G = gi_ref[L - 1:L, :]
-  load = lambda ref, j: ref[pl.ds(pl.multiple_of(j * C, C), C), :]  # r, k, v stay raw for bf16x3
-
-  upper_CxC = (lax.broadcasted_iota(jnp.int32, (C, C), 1)
-               >= lax.broadcasted_iota(jnp.int32, (C, C), 0)).astype(f32)
-
-  def body(i, carry):
-    suffix, dG = carry
-    b = n_sub - 1 - i
-    r, k, v, do, gi, g = (load(ref, b) for ref in (r_ref, k_ref, v_ref, do_ref, gi_ref, g_ref))
-    ge = gi - g
-    # Query side: rows b of A against earlier sub-chunks j < b, split at the
-    # reference point gn (the clamp only matters for b = 0, where acc = 0).
-    gn = gi_ref[pl.ds(jnp.maximum(b * C - 1, 0), 1), :]
-
-    def earlier(j, acc):
-      kmat = load(k_ref, j) * jnp.exp(gn - load(gi_ref, j))
-      return acc + _dot(_dot(do, load(v_ref, j), mode, trans_b=True), kmat, mode)
-
-    acc = lax.fori_loop(0, b, earlier, jnp.zeros(r.shape, f32))
-    dr = jnp.exp(ge) * _dot(do, h_ref[...], mode) + jnp.exp(jnp.minimum(ge - gn, 0.0)) * acc
-    # Key side: columns b of A against later sub-chunks j > b, split at gm.
-    gm = gi_ref[pl.ds(b * C + C - 1, 1), :]
-    kq = k * jnp.exp(gm - gi)
-
-    def later(j, accs):
-      dk_acc, dv_acc = accs
-      do_j = load(do_ref, j)
-      rmat = load(r_ref, j) * jnp.exp(load(gi_ref, j) - load(g_ref, j) - gm)
-      return (dk_acc + _dot(_dot(v, do_j, mode, trans_b=True), rmat, mode),
-              dv_acc + _dot(_dot(kq, rmat, mode, trans_b=True), do_j, mode))
-
-    dk_acc, dv_acc = lax.fori_loop(b + 1, n_sub, later, (jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32)))
-    dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
-    dk = dk_end + jnp.exp(gm - gi) * dk_acc
-    dv = _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True) + dv_acc
-    dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref, gi_ref), b * C, r, k, v, gi, ge, do, (dr, dk, dv))
-    # Log-decay gradient: reverse cumsum of r*dr - k*dk, r-part exclusive.
-    dge = r * dr
-    x = dge - k * dk
-    rows = pl.ds(pl.multiple_of(b * C, C), C)
-    dg_ref[rows, :] = _dot(upper_CxC, x, 'ieee') + suffix - dge
-    dr_ref[rows, :] = dr
-    dk_ref[rows, :] = dk
-    dv_ref[rows, :] = dv
-    return suffix + jnp.sum(x, axis=0, keepdims=True), dG + jnp.sum(k * dk_end, axis=0, keepdims=True)
-
-  # Every row's log decay also scales the chunk's end state: d/dG = colsum(S_end * dS_end),
-  # whose in-chunk part sum_s k_s * dk_end_s the loop gathers.
-  _, dG = lax.fori_loop(0, n_sub, body, (jnp.zeros((1, K), f32), jnp.zeros((1, K), f32)))
-  dg_ref[...] += jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True) + dG
+  # In-chunk terms first, then each state term is added as its gradient is
+  # stored (fewer live tiles: the kernel runs at the 255-register cap).
+  dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref, gi_ref), r, k, v, gi, ge, do)
+  dv_ref[...] = dv + _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)
+  dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
+  dk = dk + dk_end
+  dk_ref[...] = dk
+  dr = dr + jnp.exp(ge) * _dot(do, h_ref[...], mode)
+  dr_ref[...] = dr
+  # Log-decay gradient: reverse cumsum of r*dr - k*dk (r part exclusive), plus
+  # every row's share in the chunk's end state, d/dG = colsum(S_end * dS_end),
+  # whose in-chunk part is sum_s k_s * dk_end_s.
+  dge = r * dr
+  x = dge - k * dk
+  upper_LxL = (lax.broadcasted_iota(jnp.int32, (L, L), 1) >= lax.broadcasted_iota(jnp.int32, (L, L), 0)).astype(f32)
+  dg_ref[...] = (_dot(upper_LxL, x, 'ieee') - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
+                 + jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
 
 
 # ----------------------------------------------------------------------------- pallas_calls
@@ -470,7 +433,7 @@ def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *
   # V finer so that there are enough programs to fill the GPU.
   cfg = config or Config(block_v=16 if B * H < 128 else 32)
   cfg = dataclasses.replace(cfg, exact=exact, interpret=interpret)
-  pad = ((0, 0), (0, -T % cfg.chunk), (0, 0), (0, 0))
+  pad = ((0, 0), (0, -T % (cfg.chunk * cfg.state_steps)), (0, 0), (0, 0))
   g = -jnp.exp(w_BxTxHxK.astype(f32))
   r, k, v, g = (jnp.pad(x, pad) for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g))
   o, sT = _wkv(cfg, r, k, v, g, u_HxK.astype(f32), s0_BxHxVxK.astype(f32))
