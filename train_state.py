@@ -251,6 +251,12 @@ def main(argv):
               f'{vars(args)}\n')
   losses, step_log = open_step_log(proj / 'loss_data.jsonl', start_step)
 
+  def batch(epoch, step):
+    """The embedding rows and targets of a step, on the devices."""
+    inputs, targets = sampler.batch(epoch, step % steps_per_epoch)
+    shape = (accumulate, args.micro_bsz * devices, args.ctx_len)
+    return jax.device_put((quant.take_rows(embedding, inputs.reshape(shape)), targets.reshape(shape)), batch_sharding)
+
   def save_state(name, state):
     state_io.write_state(proj / name, np.asarray(state.init_state.wkv))
 
@@ -264,12 +270,12 @@ def main(argv):
       with tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f'epoch {args.epoch_begin + epoch}',
                 dynamic_ncols=True) as bar:
         epoch_losses, t_last = [], time.perf_counter()
-        while step < (epoch + 1) * steps_per_epoch and step < stop_at:
-          inputs, targets = sampler.batch(epoch, step % steps_per_epoch)
-          shape = (accumulate, args.micro_bsz * devices, args.ctx_len)
-          inputs = quant.take_rows(embedding, inputs.reshape(shape))
-          inputs, targets = jax.device_put((inputs, targets.reshape(shape)), batch_sharding)
-          train_state, loss = step_fn(train_state, params, inputs, targets)
+        last = min((epoch + 1) * steps_per_epoch, stop_at)
+        inputs = batch(epoch, step) if step < last else None
+        while step < last:
+          train_state, loss = step_fn(train_state, params, *inputs)
+          # The next batch is gathered on the host and sent while the device runs this step.
+          inputs = batch(epoch, step + 1) if step + 1 < last else None
           loss = float(loss)
           if not math.isfinite(loss):
             save_state('rwkv-last-good.pth', train_state)

@@ -170,7 +170,8 @@ def jax_worker(case: Case, implementation: str | None) -> dict:
   params, embedding = train.host_embedding(random_params(cfg, case.quant))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
   targets = jax.device_put(tokens[..., 1:])
-  # As the trainer does it, inside the timed step: gather the rows on the host, copy them over.
+  # Gather the rows on the host and copy them over inside the timed step. The trainer does this
+  # while the device runs the previous step, so its steps can be shorter than these.
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
   train_state = train.init_train_state(cfg, opt)

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from pallas_kernels.wkv6 import wkv6  # pylint: disable=g-import-not-at-top
-from pallas_kernels.wkv6_pallas import Config, wkv6_pallas  # pylint: disable=g-import-not-at-top
+from pallas_kernels.wkv6_pallas import Config, default_config, wkv6_pallas  # pylint: disable=g-import-not-at-top
 
 SHAPES = ((1, 1024, 32, 64), (8, 512, 32, 64), (8, 4096, 64, 64))
 SCAN_MAX_TOKENS = 8 * 512  # B * T above which the scan is skipped (too slow)
@@ -126,8 +126,8 @@ def _table(results):
   return '\n'.join(lines)
 
 
-SWEEP_VARIANTS = ({}, dict(state_steps=1), dict(chunk=32), dict(warps_bwd=8), dict(warps_out=8), dict(dots='tf32x3'),
-                  dict(dots='tf32'), dict(block_v=16), dict(diag='rows'))
+SWEEP_VARIANTS = ({}, dict(chunk=16), dict(chunk=32), dict(state_steps=1), dict(block_v=32), dict(warps_bwd=8),
+                  dict(warps_out=8), dict(warps_state=8), dict(dots='tf32x3'), dict(dots='tf32'), dict(diag='rows'))
 
 
 def worst_error(op, B=2, T=300, H=4, K=64):
@@ -153,7 +153,7 @@ def sweep(shape, reps, budget_s):
   """Times pallas configurations at one shape and checks each one's error (for tuning Config's defaults)."""
   print(f'pallas configurations at {shape}: fwd ms, fwd+bwd ms, worst relative RMS error (bf16 inputs)')
   t0 = time.perf_counter()
-  base = Config(block_v=16 if shape[0] * shape[2] < 128 else 32)  # wkv6_pallas's choice
+  base = default_config(shape[0], shape[2])
   for change in SWEEP_VARIANTS:
     if time.perf_counter() - t0 > budget_s:
       print(f'  sweep stopped after {budget_s} s')

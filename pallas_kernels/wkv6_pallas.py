@@ -3,38 +3,41 @@
 Lowering: Pallas' Triton backend (`pltriton.CompilerParams`). It is deprecated
 in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
-is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops
-and row/column reductions, so it can move to another lowering. Measured on an
-H100 (bench/results/wkv6_*_2026-11-28e), fwd+bwd with bf16 inputs: 0.36 /
-1.00 / 14.5 ms at (B,T,H,K) = (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64),
-fla's chunk_rwkv6 1.91 / 2.19 / 14.7 ms in the same run. Not yet measured on
-an Ampere or Ada card; a Mosaic GPU (wgmma) variant for Hopper is not built.
+is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
+row/column reductions and a cumulative sum, so it can move to another lowering.
+Measured on an H100 (bench/results/wkv6_*_2026-11-28f, fwd+bwd, bf16 inputs):
+0.29 / 0.57 ms at (B,T,H,K) = (1,1024,32,64) / (8,512,32,64) against fla's
+chunk_rwkv6 2.77 / 2.63 ms in the same run; 7.6 ms at (8,4096,64,64), where fla
+took 14.6 in an earlier call (bench/results/wkv6_sweep_session6_*). On Ampere
+and Ada the kernels compile (ptxas for sm_80/86/89: `bench/wkv6.py --registers
+80 86 89`, at most 29 KB of shared memory a program) but have not been run or
+timed; a Mosaic GPU (wgmma) variant for Hopper is not built.
 
 Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
 chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the
-chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py):
+chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py). Each
+kernel reads the raw w and forms g, gi, ge and G for its chunk itself.
 
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
                  S <- S * exp(G) + v^T (k * exp(G - gi))
   chunk kernel  (grid chunks x B x H, fully parallel): one chunk of rows,
-                 o = (r * exp(ge)) S^T + A v, the causal in-chunk A as a dot of
-                 factors split at the chunk's middle row where its decay span
-                 allows (in the forward, per half where it does not), else as
-                 pairwise exponentials a key row at a time (see DOT_SPAN), as
-                 [L, K] tiles rather than an [L, L, K] block.
+                 o = (r * exp(ge)) S^T + A v + (r . u . k) v, the causal
+                 in-chunk A as a dot of factors split at the chunk's middle row
+                 where its decay span allows (in the forward, per half where it
+                 does not), else as pairwise exponentials a key row at a time
+                 (see DOT_SPAN), as [L, K] tiles rather than an [L, L, K] block.
   backward      the same two shapes: a reverse state kernel carries dS (its
                  final value is d s0) and stores each chunk's end-state gradient;
                  a parallel chunk kernel recomputes A from the stored states and
-                 returns dr, dk, dv and the log-decay gradient
+                 returns dr, dk, dv, dw (in the inputs' dtypes) and per-chunk
+                 sums of du, from the log-decay gradient
                  dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
-                 (bonus-free gradients, dG = colsum(S_end * dS_end)).
+                 (bonus-free dr, dk; dG = colsum(S_end * dS_end)) and dw = dg * g.
 
-The bonus u (elementwise, in XLA inside the custom VJP), the chain rule through
--exp(w) and the padding of T to a whole number of state steps (k = v = r = 0,
-g = 0, i.e. decay 1) are plain JAX.
-Dots run at HIGHEST (IEEE fp32) for fp32 inputs and as bf16x3 (see _dot) for
-bf16 inputs.
+Only the padding of T to a whole number of state steps (k = v = r = 0, w =
+-inf, i.e. decay 1) and the sum of du are plain JAX. Dots run at HIGHEST (IEEE
+fp32) for fp32 inputs and as bf16x3 (see _dot) for bf16 inputs.
 """
 import dataclasses
 import functools
@@ -52,21 +55,20 @@ f32 = jnp.float32
 class Config:
   """Static kernel configuration (hashable: it is a custom_vjp nondiff argument).
 
-  Defaults from bench/wkv6.py --sweep on an H100 (bench/results/wkv6_sweep_*),
-  fwd+bwd at (1,1024,32,64) / (8,512,32,64), same-call comparisons: 3xTF32
-  dots 0.82 / 2.80 ms, bf16x3 dots 0.50 / 1.54 ms (the worst error stays the
-  bf16 rounding of dv, 1.7e-3; the decay gradient's goes from 1e-5 to ~3e-4).
-  16-row chunks (bench/results/wkv6_sweep_session5_*): the 32-row backward ran
-  at ptxas' 255-register cap with 1.3 KB spilled; at 16 rows it holds half the
-  live tiles, and fwd+bwd went 0.52 / 1.57 / 23.0 -> 0.41 / 1.00 / 14.6 ms,
-  adding (8,4096,64,64), though its forward is slower (twice the stored states
-  and state steps; a 32-row chunk now gives 0.15 / 0.41 / 5.7 ms forward and
-  0.42 / 1.28 / 17.4 fwd+bwd). Two state steps a loop iteration: 0.40 -> 0.37
-  ms at (1,1024), 0.98 -> 1.02 at (8,512). 8 warps were slower.
-  Plain TF32 dots are ~5% faster but put the decay gradient at 4e-3 to 1.2e-2
-  relative RMS, over the 5e-3 bound for bf16 inputs.
+  From bench/wkv6.py --sweep on an H100, same-call comparisons (files
+  bench/results/wkv6_sweep_*; session 6 for everything since the decays moved
+  into the kernels). fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64):
+  - 32-row chunks: 0.34 / 0.62 / 8.8 ms at 16 rows -> 0.27 / 0.60 / 7.6 at 32
+    (half the sequential steps and stored states; the 32-row backward spills
+    768 B at the 255-register cap, yet is faster).
+  - Two state steps a loop iteration, block_v per default_config: within 5%
+    either way of one step and the other tilings; 8 warps were slower.
+  - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
+    kernel), the worst error still the bf16 rounding of dv, 1.7e-3. Plain TF32
+    is ~5% faster but puts the decay gradient at 4e-3 to 1.2e-2 relative RMS,
+    over the 5e-3 bound for bf16 inputs.
   """
-  chunk: int = 16           # rows of a parallel program and of a state step (Triton dots need >= 16)
+  chunk: int = 32           # rows of a parallel program and of a state step (Triton dots need >= 16)
   block_v: int = 32         # V-tile of the sequential state kernels (more tiles, more programs)
   state_steps: int = 2      # chunks per loop iteration of the state kernels (T is padded to a multiple)
   exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
@@ -75,7 +77,7 @@ class Config:
   interpret: bool = False
   warps_state: int = 4
   warps_out: int = 4
-  warps_bwd: int = 4        # ptxas reports spills at 4 warps, yet it is faster than 8
+  warps_bwd: int = 4        # spills at 4 warps, yet faster than 8
   stages: int = 2
 
   def params(self, warps):
@@ -117,9 +119,28 @@ def _masked_exp(mask, x):
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
 
+def _tri(L, keep):
+  """An [L, L] 0/1 matrix, 1 where keep(row, col)."""
+  rows = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+  return keep(rows, lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(f32)
+
+
 def _strictly_lower(a_LxL):
   row = lax.broadcasted_iota(jnp.int32, a_LxL.shape, 0)
   return jnp.where(row > lax.broadcasted_iota(jnp.int32, a_LxL.shape, 1), a_LxL, 0.0)
+
+
+def _row(x_LxK, i):
+  """Row i of a tile as [1, K]: a masked sum, since a Triton tile has no row indexing."""
+  rows = lax.broadcasted_iota(jnp.int32, x_LxK.shape, 0)
+  return jnp.sum(jnp.where(rows == i, x_LxK, 0.0), axis=0, keepdims=True)
+
+
+def _log_decays(w_ref, rows):
+  """(g, gi, ge, G) of `rows` of a raw-decay ref: g = -exp(w) and its chunk-local sums, fp32."""
+  g = -jnp.exp(w_ref[rows, :].astype(f32))
+  gi = jnp.cumsum(g, axis=0)  # a Triton scan; an IEEE fp32 dot with a 0/1 matrix was slower
+  return g, gi, gi - g, _row(gi, g.shape[0] - 1)
 
 
 # The causal in-chunk term, A[t,s] = sum_j r_tj k_sj exp(ge_tj - gi_sj) for s < t.
@@ -132,30 +153,40 @@ def _strictly_lower(a_LxL):
 # tests) one key row s is taken per step, so the pairwise exponentials live as
 # an [L, K] tile at a time rather than an [L, L, K] block.
 DOT_SPAN = 60.0
+# The backward's dot form with split-bf16 dots (bf16x3: ~2^-16 relative) also
+# needs every step's log decay above -STEP_SPAN: under stronger decays the
+# in-chunk decay gradient, sum r dr - sum k dk, cancels to a few hundredths of
+# its terms, and dw's error reached 1e-2 (w in [2.05, 2.35], i.e. log decay
+# -7.8 to -10.5 a step, in a chunk of 6 steps and padding); the row form keeps
+# fp32 there (1.7e-3). With log decays down to -6.7 (w <= 1.9) the dot form
+# measured 2e-4 to 5e-4; the bound leaves a margin below that.
+STEP_SPAN = 5.0
 
 
-def _mid(gi_ref, start, rows):
+def _mid(gi, start, rows):
   """ge of the middle row of `rows` rows from `start` (= gi of the row before it)."""
-  return gi_ref[start + rows // 2 - 1:start + rows // 2, :]
+  return _row(gi, start + rows // 2 - 1)
 
 
-def _by_span(cfg, gi_ref, gi, ge, by_dot, by_rows, operand, by_halves=None):
+def _by_span(cfg, gi, ge, by_dot, by_rows, operand, by_halves=None, step_span=None):
   if cfg.diag == 'rows':
     return by_rows(operand)
   L = gi.shape[0]
-  span = lambda ref: jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi))
+  fits = lambda ref: jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi)) <= DOT_SPAN
+  if step_span is not None:  # and no step's log decay -g = ge - gi is steeper than -step_span
+    fits = lambda ref, fits=fits: fits(ref) & (jnp.max(ge - gi) <= step_span)
   fallback = by_rows
   if by_halves is not None:
     top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < L // 2
-    ref_LxK = jnp.where(top, _mid(gi_ref, 0, L // 2), _mid(gi_ref, L // 2, L // 2))
-    fallback = lambda x: lax.cond(span(ref_LxK) <= DOT_SPAN, functools.partial(by_halves, ref_LxK), by_rows, x)
-  ref = _mid(gi_ref, 0, L)
-  return lax.cond(span(ref) <= DOT_SPAN, functools.partial(by_dot, ref), fallback, operand)
+    ref_LxK = jnp.where(top, _mid(gi, 0, L // 2), _mid(gi, L // 2, L // 2))
+    fallback = lambda x: lax.cond(fits(ref_LxK), functools.partial(by_halves, ref_LxK), by_rows, x)
+  ref = _mid(gi, 0, L)
+  return lax.cond(fits(ref), functools.partial(by_dot, ref), fallback, operand)
 
 
 def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
   """Adds the causal in-chunk term sum_{s<t} A[t,s] v_s to o."""
-  k_ref, v_ref, gi_ref = refs
+  k_ref, v_ref = refs
   mode = _mode(cfg)
   L = r.shape[0]
 
@@ -168,7 +199,7 @@ def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
     # across the halves use the boundary, where both factors are <= 1. Each
     # dot's entries for the other kind of pair may overflow and are selected away.
     within = _dot(r * jnp.exp(ge - ref_LxK), k * jnp.exp(ref_LxK - gi), mode, trans_b=True)
-    edge = _mid(gi_ref, 0, L)
+    edge = _mid(gi, 0, L)
     across = _dot(r * jnp.exp(jnp.minimum(ge - edge, 0.0)), k * jnp.exp(jnp.minimum(edge - gi, 0.0)), mode,
                   trans_b=True)
     row = lax.broadcasted_iota(jnp.int32, (L, L), 0) < L // 2
@@ -180,18 +211,18 @@ def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
 
     def body(s, o):
       row = pl.ds(s, 1)
-      e = _masked_exp(row_LxK > s, ge - gi_ref[row, :])
+      e = _masked_exp(row_LxK > s, ge - _row(gi, s))
       a_col = jnp.sum(r * k_ref[row, :].astype(f32) * e, axis=1, keepdims=True)
       return o + a_col * v_ref[row, :].astype(f32)
 
     return lax.fori_loop(0, r.shape[0], body, o)
 
-  return _by_span(cfg, gi_ref, gi, ge, by_dot, by_rows, o, by_halves)
+  return _by_span(cfg, gi, ge, by_dot, by_rows, o, by_halves)
 
 
 def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
   """The in-chunk terms of (dr, dk, dv)."""
-  k_ref, v_ref, gi_ref = refs
+  k_ref, v_ref = refs
   mode = _mode(cfg)
 
   def by_dot(ref, _):
@@ -209,7 +240,7 @@ def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
       dr, dk, dv = grads
       row = pl.ds(s, 1)
       k_s = k_ref[row, :].astype(f32)
-      e = _masked_exp(row_LxK > s, ge - gi_ref[row, :])
+      e = _masked_exp(row_LxK > s, ge - _row(gi, s))
       dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
       a_col = jnp.sum(r * k_s * e, axis=1, keepdims=True)
       dr += dA_col * k_s * e
@@ -220,7 +251,7 @@ def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
     return lax.fori_loop(0, r.shape[0], body, grads)
 
   zeros = (jnp.zeros(r.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32))
-  return _by_span(cfg, gi_ref, gi, ge, by_dot, by_rows, zeros)
+  return _by_span(cfg, gi, ge, by_dot, by_rows, zeros, step_span=None if mode == 'ieee' else STEP_SPAN)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -238,69 +269,71 @@ def _over_chunks(cfg, n_chunks, step, carry):
   return lax.fori_loop(0, n_chunks // cfg.state_steps, body, carry)
 
 
-def _state_fwd_kernel(k_ref, gi_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
+def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
   L, mode = cfg.chunk, _mode(cfg)
 
   def body(n, s_VxK):
     h_ref[n] = s_VxK
-    start = pl.multiple_of(n * L, L)
-    gi = gi_ref[pl.ds(start, L), :]
-    G = gi_ref[pl.ds(start + L - 1, 1), :]
-    kd = k_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(G - gi)
-    v = v_ref[pl.ds(start, L), :]
-    return s_VxK * jnp.exp(G) + _dot(v, kd, mode, trans_a=True)
+    rows = pl.ds(pl.multiple_of(n * L, L), L)
+    _, gi, _, G = _log_decays(w_ref, rows)
+    kd = k_ref[rows, :].astype(f32) * jnp.exp(G - gi)
+    return s_VxK * jnp.exp(G) + _dot(v_ref[rows, :], kd, mode, trans_a=True)
 
   sT_ref[...] = _over_chunks(cfg, n_chunks, body, s0_ref[...])
 
 
-def _out_fwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, h_ref, o_ref, *, cfg):
-  r, k, v, gi = r_ref[...], k_ref[...], v_ref[...], gi_ref[...]  # r, k, v stay raw for bf16x3
-  ge = gi - g_ref[...]
+def _out_fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, h_ref, o_ref, *, cfg):
+  r, k, v = r_ref[...], k_ref[...], v_ref[...]  # raw for bf16x3
+  _, gi, ge, _ = _log_decays(w_ref, slice(None))
   o = _dot(r * jnp.exp(ge), h_ref[...], _mode(cfg), trans_b=True)
-  o_ref[...] = _diagonal_fwd(cfg, (k_ref, v_ref, gi_ref), r, k, v, gi, ge, o)
+  o += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v  # the current token's own term
+  o_ref[...] = _diagonal_fwd(cfg, (k_ref, v_ref), r, k, v, gi, ge, o)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _state_bwd_kernel(r_ref, g_ref, gi_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
+def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
   L, mode = cfg.chunk, _mode(cfg)
 
   def body(i, ds_VxK):
     n = n_chunks - 1 - i
     dh_ref[n] = ds_VxK
-    start = pl.multiple_of(n * L, L)
-    gi = gi_ref[pl.ds(start, L), :]
-    G = gi_ref[pl.ds(start + L - 1, 1), :]
-    rq = r_ref[pl.ds(start, L), :].astype(f32) * jnp.exp(gi - g_ref[pl.ds(start, L), :])
-    return ds_VxK * jnp.exp(G) + _dot(do_ref[pl.ds(start, L), :], rq, mode, trans_a=True)
+    rows = pl.ds(pl.multiple_of(n * L, L), L)
+    _, _, ge, G = _log_decays(w_ref, rows)
+    rq = r_ref[rows, :].astype(f32) * jnp.exp(ge)
+    return ds_VxK * jnp.exp(G) + _dot(do_ref[rows, :], rq, mode, trans_a=True)
 
   ds0_ref[...] = _over_chunks(cfg, n_chunks, body, dsT_ref[...])
 
 
-def _chunk_bwd_kernel(r_ref, k_ref, v_ref, g_ref, gi_ref, do_ref, h_ref, dh_ref,
-                      dr_ref, dk_ref, dv_ref, dg_ref, *, cfg):
+def _chunk_bwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, do_ref, h_ref, dh_ref,
+                      dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, cfg):
   L, mode = cfg.chunk, _mode(cfg)
-  r, k, v, do, gi = r_ref[...], k_ref[...], v_ref[...], do_ref[...], gi_ref[...]  # r, k, v stay raw for bf16x3
-  ge = gi - g_ref[...]
-  G = gi_ref[L - 1:L, :]
+  r, k, v, do = r_ref[...], k_ref[...], v_ref[...], do_ref[...]  # r, k, v raw for bf16x3
+  g, gi, ge, G = _log_decays(w_ref, slice(None))
   # In-chunk terms first, then each state term is added as its gradient is
-  # stored (fewer live tiles: the kernel runs at the 255-register cap).
-  dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref, gi_ref), r, k, v, gi, ge, do)
-  dv_ref[...] = dv + _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)
+  # stored (fewer live tiles: the kernel runs at the 255-register cap). The
+  # current token's own (bonus) terms are added last: the decay gradient
+  # below is formed from the bonus-free dr and dk.
+  dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref), r, k, v, gi, ge, do)
+  u = u_ref[...]
+  do_v = jnp.sum(do * v, axis=1, keepdims=True)
+  dv += jnp.sum(r * u * k, axis=1, keepdims=True) * do
+  dv_ref[...] = (dv + _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)).astype(dv_ref.dtype)
   dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
   dk = dk + dk_end
-  dk_ref[...] = dk
+  dk_ref[...] = (dk + do_v * u * r).astype(dk_ref.dtype)
   dr = dr + jnp.exp(ge) * _dot(do, h_ref[...], mode)
-  dr_ref[...] = dr
+  dr_ref[...] = (dr + do_v * u * k).astype(dr_ref.dtype)
+  du_ref[...] = jnp.sum(do_v * r * k, axis=0, keepdims=True)
   # Log-decay gradient: reverse cumsum of r*dr - k*dk (r part exclusive), plus
   # every row's share in the chunk's end state, d/dG = colsum(S_end * dS_end),
-  # whose in-chunk part is sum_s k_s * dk_end_s.
+  # whose in-chunk part is sum_s k_s * dk_end_s; then through g = -exp(w).
   dge = r * dr
-  x = dge - k * dk
-  upper_LxL = (lax.broadcasted_iota(jnp.int32, (L, L), 1) >= lax.broadcasted_iota(jnp.int32, (L, L), 0)).astype(f32)
-  dg_ref[...] = (_dot(upper_LxL, x, 'ieee') - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
-                 + jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
+  dg = (_dot(_tri(L, lambda t, s: s >= t), dge - k * dk, 'ieee') - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
+        + jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
+  dw_ref[...] = (dg * g).astype(dw_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- pallas_calls
@@ -332,87 +365,81 @@ def _state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
 
 
 def _chunk_specs(cfg, K, V):
+  """Block specs of the parallel chunk kernels (grid chunks x B x H): a chunk's rows of a
+  [B, T, H, K] (or V) array, one head's u [H, 1, K] and a chunk's state [B, H, n_chunks, V, K]."""
   L = cfg.chunk
   tile = lambda width: pl.BlockSpec((None, L, None, width), lambda n, b, h: (b, n, h, 0))
+  u = pl.BlockSpec((None, 1, K), lambda n, b, h: (h, 0, 0))
   state = pl.BlockSpec((None, None, None, V, K), lambda n, b, h: (b, h, n, 0, 0))
-  return tile(K), tile(V), state
+  return tile(K), tile(V), u, state
 
 
-def _out_fwd(cfg, r, k, v, g, gi, h):
+def _out_fwd(cfg, r, k, v, w, u, h):
   B, T, H, K = r.shape
   V = v.shape[-1]
-  tk, tv, state = _chunk_specs(cfg, K, V)
+  tk, tv, tu, state = _chunk_specs(cfg, K, V)
   return pl.pallas_call(
       functools.partial(_out_fwd_kernel, cfg=cfg),
       grid=(T // cfg.chunk, B, H),
-      in_specs=[tk, tk, tv, tk, tk, state],
+      in_specs=[tk, tk, tv, tk, tu, state],
       out_specs=tv,
       out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32),
       compiler_params=cfg.params(cfg.warps_out),
       interpret=cfg.interpret,
       name='wkv6_out_fwd',
-  )(r, k, v, g, gi, h)
+  )(r, k, v, w, u, h)
 
 
-def _chunk_bwd(cfg, r, k, v, g, gi, do, h, dh):
+def _chunk_bwd(cfg, r, k, v, w, u, do, h, dh):
+  """(dr, dk, dv, dw) in the dtypes of (r, k, v, w), and du's partial sums [B, n_chunks, H, K]."""
   B, T, H, K = r.shape
   V = v.shape[-1]
-  tk, tv, state = _chunk_specs(cfg, K, V)
+  n_chunks = T // cfg.chunk
+  tk, tv, tu, state = _chunk_specs(cfg, K, V)
+  du_part = pl.BlockSpec((None, None, 1, K), lambda n, b, h: (b, n, h, 0))
+  like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   return pl.pallas_call(
       functools.partial(_chunk_bwd_kernel, cfg=cfg),
-      grid=(T // cfg.chunk, B, H),
-      in_specs=[tk, tk, tv, tk, tk, tv, state, state],
-      out_specs=[tk, tk, tv, tk],
-      out_shape=[jax.ShapeDtypeStruct((B, T, H, K), f32), jax.ShapeDtypeStruct((B, T, H, K), f32),
-                 jax.ShapeDtypeStruct((B, T, H, V), f32), jax.ShapeDtypeStruct((B, T, H, K), f32)],
+      grid=(n_chunks, B, H),
+      in_specs=[tk, tk, tv, tk, tu, tv, state, state],
+      out_specs=[tk, tk, tv, tk, du_part],
+      out_shape=[like(r), like(k), like(v), like(w), jax.ShapeDtypeStruct((B, n_chunks, H, K), f32)],
       compiler_params=cfg.params(cfg.warps_bwd),
       interpret=cfg.interpret,
       name='wkv6_chunk_bwd',
-  )(r, k, v, g, gi, do, h, dh)
+  )(r, k, v, w, u, do, h, dh)
 
 
 # ----------------------------------------------------------------------------- custom VJP
 
 
-def _chunk_cumsum(cfg, g_BxTxHxK):
-  B, T, H, K = g_BxTxHxK.shape
-  L = cfg.chunk
-  return jnp.cumsum(g_BxTxHxK.reshape(B, T // L, L, H, K), axis=2).reshape(B, T, H, K)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _wkv(cfg, r, k, v, g, u, s0):
-  return _wkv_fwd(cfg, r, k, v, g, u, s0)[0]
+def _wkv(cfg, r, k, v, w, u, s0):
+  return _wkv_fwd(cfg, r, k, v, w, u, s0)[0]
 
 
-def _bonus(r, k, u):
-  """sum_j r_j u_j k_j per step: [B, T, H, 1] fp32 (the current token's own term)."""
-  return jnp.sum(r.astype(f32) * u * k.astype(f32), axis=-1, keepdims=True)
-
-
-def _wkv_fwd(cfg, r, k, v, g, u, s0):
-  gi = _chunk_cumsum(cfg, g)
-  h, sT = _state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, gi), v, s0)
-  o = _out_fwd(cfg, r, k, v, g, gi, h) + _bonus(r, k, u) * v.astype(f32)
-  return (o, sT), (r, k, v, g, u, gi, h)
+def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
+  h, sT = _state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), v, s0)
+  o = _out_fwd(cfg, r, k, v, w, u_Hx1xK, h)
+  return (o, sT), (r, k, v, w, u_Hx1xK, h)
 
 
 def _wkv_bwd(cfg, residuals, cotangents):
-  # The bonus terms are added here in fp32 so that bf16 gradients are rounded once.
-  r, k, v, g, u, gi, h = residuals
+  r, k, v, w, u_Hx1xK, h = residuals
   do, dsT = cotangents
-  dh, ds0 = _state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, g, gi), do, dsT)
-  dr, dk, dv, dg = _chunk_bwd(cfg, r, k, v, g, gi, do, h, dh)
-  rf, kf = r.astype(f32), k.astype(f32)
-  do_v = jnp.sum(do * v.astype(f32), axis=-1, keepdims=True)
-  dr += do_v * u * kf
-  dk += do_v * u * rf
-  dv += _bonus(r, k, u) * do
-  du = jnp.sum(do_v * rf * kf, axis=(0, 1))
-  return dr.astype(r.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, du, ds0
+  dh, ds0 = _state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), do, dsT)
+  dr, dk, dv, dw, du_part = _chunk_bwd(cfg, r, k, v, w, u_Hx1xK, do, h, dh)
+  return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
+
+
+def default_config(B, H):
+  # The state kernels are sequential over T: with few sequences * heads, V is
+  # split finer so that there are enough programs to fill the GPU; with many,
+  # one program per head forms each chunk's decays once rather than per V-tile.
+  return Config(block_v=16 if B * H < 128 else 64)
 
 
 @functools.partial(jax.jit, static_argnames=('interpret', 'config'))
@@ -420,21 +447,21 @@ def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *
                 interpret=None, config=None):
   """WKV-6 with Pallas kernels. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32).
 
-  r, k, v may be bf16 or fp32 (their gradients come back in the same dtype);
+  r, k, v, w may be bf16 or fp32 (their gradients come back in the same dtype);
   decays, states and accumulations are fp32. `interpret` defaults to True on
   CPU. `config` overrides the tiling (its `exact` and `interpret` fields are
   set here).
   """
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  B, T, H, _ = r_BxTxHxK.shape
+  B, T, H, K = r_BxTxHxK.shape
   exact = all(x.dtype == f32 for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV))
-  # The state kernels are sequential over T: with few sequences * heads, split
-  # V finer so that there are enough programs to fill the GPU.
-  cfg = config or Config(block_v=16 if B * H < 128 else 32)
+  cfg = config or default_config(B, H)
   cfg = dataclasses.replace(cfg, exact=exact, interpret=interpret)
-  pad = ((0, 0), (0, -T % (cfg.chunk * cfg.state_steps)), (0, 0), (0, 0))
-  g = -jnp.exp(w_BxTxHxK.astype(f32))
-  r, k, v, g = (jnp.pad(x, pad) for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g))
-  o, sT = _wkv(cfg, r, k, v, g, u_HxK.astype(f32), s0_BxHxVxK.astype(f32))
-  return o[:, :T], sT
+  r, k, v, w = r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK
+  pad = -T % (cfg.chunk * cfg.state_steps)
+  if pad:  # padded steps are exact no-ops: k = v = r = 0 and decay 1 (w = -inf)
+    r, k, v, w = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=c)
+                  for x, c in ((r, 0), (k, 0), (v, 0), (w, -jnp.inf)))
+  o, sT = _wkv(cfg, r, k, v, w, u_HxK.astype(f32).reshape(H, 1, K), s0_BxHxVxK.astype(f32))
+  return (o[:, :T] if pad else o), sT

@@ -127,22 +127,26 @@ def test_pallas_interpret_dots(dots, chunk, w_high):
   check(_pallas(dots=dots, chunk=chunk), B=2, T=70, H=2, K=64, dtype='bfloat16', shared_s0=False, w_high=w_high)
 
 
-# w <= 1 (per-step decay >= exp(-e), as in trained models) keeps every 8-row
-# span under DOT_SPAN, so 'auto' takes the one-dot form everywhere in a 16-row
-# chunk. w in [2.05, 2.65] (log decay -7.8 to -14.2 a step) puts a half chunk's
-# span at 62-113 and a quarter's at 31-57: the forward's two-dot form, the
-# backward's row loop. It runs with bf16 inputs, where dw's error there is
-# 1.9e-3 to 2.2e-3 (8 draws): states vanish within a step, so dw is a small
-# difference of large sums and even fp32 inputs give 2e-3 to 3e-3 (chunk 16
-# or 32, dot or row forms alike); that is the regime, not the form. w up to 3
-# mixes all forms, and 'rows' takes the row loop everywhere.
-DIAGONAL_CASES = [('auto', -8.0, 1.0, 'float32'), ('auto', 2.05, 2.65, 'bfloat16'), ('auto', -8.0, 3.0, 'float32'),
-                  ('rows', -8.0, 3.0, 'float32')]
+# Each case reaches one in-chunk form. w <= 1 (per-step decay >= exp(-e), as in
+# trained models) keeps a 16-row span under DOT_SPAN, so 'auto' takes the
+# one-dot form everywhere in a 32-row chunk. The two-dot form needs a chunk
+# whose half spans more than DOT_SPAN and whose quarter does not: w in
+# [1.4, 1.9] (log decay -4.1 to -6.7 a step) for 32 rows, [2.05, 2.65] (-7.8
+# to -14.2) for 16; the backward takes its row loop there. Both run with bf16
+# inputs, where dw's error is ~2e-3 (8 draws at 16 rows): states vanish within
+# a few steps, so dw is a small difference of large sums and even fp32 inputs
+# give 2e-3 to 3e-3 (chunk 16 or 32, dot or row forms alike); that is the
+# regime, not the form. w up to 3 mixes all forms, and 'rows' takes the row
+# loop everywhere.
+DIAGONAL_CASES = [('auto', 32, -8.0, 1.0, 'float32'), ('auto', 32, 1.4, 1.9, 'bfloat16'),
+                  ('auto', 16, 2.05, 2.65, 'bfloat16'), ('auto', 32, 2.05, 2.35, 'bfloat16'),
+                  ('auto', 32, -8.0, 3.0, 'float32'), ('rows', 32, -8.0, 3.0, 'float32')]
 
 
-@pytest.mark.parametrize('diag,w_low,w_high,dtype', DIAGONAL_CASES)
-def test_pallas_interpret_diagonal_forms(diag, w_low, w_high, dtype):
-  check(_pallas(diag=diag), B=2, T=70, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low, w_high=w_high)
+@pytest.mark.parametrize('diag,chunk,w_low,w_high,dtype', DIAGONAL_CASES)
+def test_pallas_interpret_diagonal_forms(diag, chunk, w_low, w_high, dtype):
+  check(_pallas(diag=diag, chunk=chunk), B=2, T=70, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low,
+        w_high=w_high)
 
 
 def test_implementations_listed():
@@ -193,7 +197,8 @@ def test_gpu_pallas_tilings(chunk, block_v, dots):
 
 @pytest.mark.gpu
 @on_gpu
-@pytest.mark.parametrize('diag,w_low,w_high,dtype', DIAGONAL_CASES + [
-    ('auto', -8.0, 1.0, 'bfloat16'), ('rows', -8.0, 3.0, 'bfloat16')])
-def test_gpu_pallas_diagonal_forms(diag, w_low, w_high, dtype):
-  check(_pallas(diag=diag), B=2, T=300, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low, w_high=w_high)
+@pytest.mark.parametrize('diag,chunk,w_low,w_high,dtype', DIAGONAL_CASES + [
+    ('auto', 32, -8.0, 1.0, 'bfloat16'), ('rows', 32, -8.0, 3.0, 'bfloat16')])
+def test_gpu_pallas_diagonal_forms(diag, chunk, w_low, w_high, dtype):
+  check(_pallas(diag=diag, chunk=chunk), B=2, T=300, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low,
+        w_high=w_high)
