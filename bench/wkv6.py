@@ -126,7 +126,7 @@ def _table(results):
   return '\n'.join(lines)
 
 
-SWEEP_VARIANTS = ({}, dict(chunk=16), dict(chunk=32), dict(state_steps=1), dict(block_v=32), dict(warps_bwd=8),
+SWEEP_VARIANTS = ({}, dict(chunk=16), dict(state_steps=1), dict(block_v=32), dict(warps_bwd=8),
                   dict(warps_out=8), dict(warps_state=8), dict(dots='tf32x3'), dict(dots='tf32'), dict(diag='rows'))
 
 
