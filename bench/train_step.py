@@ -170,8 +170,6 @@ def jax_worker(case: Case, implementation: str | None) -> dict:
   params, embedding = train.host_embedding(random_params(cfg, case.quant))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
   targets = jax.device_put(tokens[..., 1:])
-  # Gather the rows on the host and copy them over inside the timed step. The trainer does this
-  # while the device runs the previous step, so its steps can be shorter than these.
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
   train_state = train.init_train_state(cfg, opt)
@@ -180,19 +178,20 @@ def jax_worker(case: Case, implementation: str | None) -> dict:
   compiled = step.lower(train_state, params, inputs(), targets).compile()
   compile_s = time.perf_counter() - t0
   steps, warmup = step_counts(case)
-  for _ in range(warmup):
-    train_state, loss = compiled(train_state, params, inputs(), targets)
-  jax.block_until_ready((train_state, loss))
-  times = []
-  for _ in range(steps):
+  times, batch = [], inputs()
+  for i in range(warmup + steps):
+    # As in train_state.py: the host gathers and sends the next batch while the device runs this
+    # step, and reading the loss ends the step.
     t0 = time.perf_counter()
-    train_state, loss = compiled(train_state, params, inputs(), targets)
-    jax.block_until_ready((train_state, loss))
-    times.append(time.perf_counter() - t0)
+    train_state, loss = compiled(train_state, params, batch, targets)
+    batch = inputs()
+    loss = float(loss)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   return {'step_ms': statistics.median(times) * 1e3, 'peak_gb': peak / 1e9 if peak else None,
-          'compile_s': compile_s, 'loss': float(loss), 'wkv': implementation or default_implementation(case.ctx_len)}
+          'compile_s': compile_s, 'loss': loss, 'wkv': implementation or default_implementation(case.ctx_len)}
 
 
 def peak_worker() -> dict:

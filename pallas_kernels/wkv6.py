@@ -50,10 +50,9 @@ IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
 def default_implementation(T: int = 1) -> str:
   """The fastest measured implementation for this platform and sequence length.
 
-  On an H100 (bench/results/wkv6_*_2026-11-28f, forward+backward) pallas takes
-  0.29 / 0.57 / 8.8 ms at (B,T,H) = (1,1024,32) / (8,512,32) / (8,4096,64)
-  (the last with 16-row chunks; 7.6 with today's 32) against xla_chunked's
-  1.58 / 2.55 / 37.3 ms.
+  On an H200 (bench/results/wkv6_nvidia-h200_2026-11-28, forward+backward)
+  pallas takes 0.32 / 0.62 / 7.98 ms at (B,T,H) = (1,1024,32) / (8,512,32) /
+  (8,4096,64) against xla_chunked's 1.44 / 2.25 / 28.7 ms.
   """
   if T == 1:
     return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it

@@ -5,13 +5,13 @@ in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
 row/column reductions and a cumulative sum, so it can move to another lowering.
-Measured on an H100 (bench/results/wkv6_*_2026-11-28f, fwd+bwd, bf16 inputs):
-0.29 / 0.57 ms at (B,T,H,K) = (1,1024,32,64) / (8,512,32,64) against fla's
-chunk_rwkv6 2.77 / 2.63 ms in the same run; 7.6 ms at (8,4096,64,64), where fla
-took 14.6 in an earlier call (bench/results/wkv6_sweep_session6_*). On Ampere
-and Ada the kernels compile (ptxas for sm_80/86/89: `bench/wkv6.py --registers
-80 86 89`, at most 29 KB of shared memory a program) but have not been run or
-timed; a Mosaic GPU (wgmma) variant for Hopper is not built.
+Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28, fwd+bwd, bf16
+inputs, one run): 0.32 / 0.62 / 7.98 ms at (B,T,H,K) = (1,1024,32,64) /
+(8,512,32,64) / (8,4096,64,64) against fla's chunk_rwkv6 2.43 / 1.81 / 13.13.
+On Ampere and Ada the kernels compile (ptxas for sm_80/86/89: `bench/wkv6.py
+--registers 80 86 89`, at most 43 KB of shared memory a program, inside an RTX
+3090's 99 KB) but have not been run or timed; a Mosaic GPU (wgmma) variant for
+Hopper is not built.
 
 Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
 chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the
@@ -24,9 +24,9 @@ kernel reads the raw w and forms g, gi, ge and G for its chunk itself.
   chunk kernel  (grid chunks x B x H, fully parallel): one chunk of rows,
                  o = (r * exp(ge)) S^T + A v + (r . u . k) v, the causal
                  in-chunk A as a dot of factors split at the chunk's middle row
-                 where its decay span allows (in the forward, per half where it
-                 does not), else as pairwise exponentials a key row at a time
-                 (see DOT_SPAN), as [L, K] tiles rather than an [L, L, K] block.
+                 where its decay span allows (else per half), else as pairwise
+                 exponentials a key row at a time (see DOT_SPAN), as [L, K]
+                 tiles rather than an [L, L, K] block.
   backward      the same two shapes: a reverse state kernel carries dS (its
                  final value is d s0) and stores each chunk's end-state gradient;
                  a parallel chunk kernel recomputes A from the stored states and
@@ -37,7 +37,8 @@ kernel reads the raw w and forms g, gi, ge and G for its chunk itself.
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
 -inf, i.e. decay 1) and the sum of du are plain JAX. Dots run at HIGHEST (IEEE
-fp32) for fp32 inputs and as bf16x3 (see _dot) for bf16 inputs.
+fp32) for fp32 inputs and as bf16x3 (see _dot) for bf16 inputs, the backward's
+in-chunk dr and dk as bf16x6 where decays are steep (see STEEP).
 """
 import dataclasses
 import functools
@@ -59,8 +60,13 @@ class Config:
   bench/results/wkv6_sweep_*; session 6 for everything since the decays moved
   into the kernels). fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64):
   - 32-row chunks: 0.34 / 0.62 / 8.8 ms at 16 rows -> 0.27 / 0.60 / 7.6 at 32
-    (half the sequential steps and stored states; the 32-row backward spills
-    768 B at the 255-register cap, yet is faster).
+    (half the sequential steps and stored states; the 32-row backward spilled
+    768 B at the 255-register cap, yet was faster). The backward's two-dot form
+    and bf16x6 dots (session 7, H200, wkv6_sweep_session7_*) raised the spill
+    to 2.5 KB and fwd+bwd on non-steep inputs from 0.30 / 0.56 / 7.26 to
+    0.32 / 0.62 / 7.98 ms, and cut the 1.6B 512x8 step's chunk_bwd, whose
+    random decays are steep, from 25.7 to 15.4 ms (8 warps: slower, 10.2 ms
+    at the large shape).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
@@ -84,21 +90,27 @@ class Config:
     return pltriton.CompilerParams(num_warps=warps, num_stages=self.stages)
 
 
-def _split_bf16(x):
-  """x as bf16 parts whose sum holds 16 significant bits; a bf16 input is exact as one part."""
+def _split_bf16(x, parts):
+  """x as up to `parts` bf16 parts whose sum holds 8 * parts significant bits; bf16 is exact as one."""
   if x.dtype == jnp.bfloat16:
     return (x,)
-  hi = x.astype(jnp.bfloat16)
-  return hi, (x - hi.astype(f32)).astype(jnp.bfloat16)
+  split = []
+  for _ in range(parts - 1):
+    split.append(x.astype(jnp.bfloat16))
+    x = x - split[-1].astype(f32)
+  return (*split, x.astype(jnp.bfloat16))
 
 
 def _dot(a, b, mode, trans_a=False, trans_b=False):
-  """a @ b in fp32 by one of the modes of Config.dots (see _mode)."""
+  """a @ b in fp32 by one of the modes of Config.dots (see _mode), or bf16x6 (see _diagonal_bwd)."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  if mode == 'bf16x3':
-    # (a_hi + a_lo)(b_hi + b_lo) less a_lo * b_lo: ~2^-16 relative error from
-    # bf16 MMAs; two products when one side is already bf16 (raw r, k, v).
-    parts = [(x, y) for i, x in enumerate(_split_bf16(a)) for j, y in enumerate(_split_bf16(b)) if i + j < 2]
+  if mode in ('bf16x3', 'bf16x6'):
+    # Split into bf16 parts, keeping the products of significance above the
+    # parts' precision: bf16x3 is (a_hi + a_lo)(b_hi + b_lo) less a_lo * b_lo,
+    # ~2^-16 relative error from bf16 MMAs; bf16x6 splits in three, ~2^-24.
+    # A bf16 operand (raw r, k, v) is one part, which halves the products.
+    n = 2 if mode == 'bf16x3' else 3
+    parts = [(x, y) for i, x in enumerate(_split_bf16(a, n)) for j, y in enumerate(_split_bf16(b, n)) if i + j < n]
     return sum(lax.dot_general(x, y, dims, preferred_element_type=f32) for x, y in parts)
   precision = {'ieee': lax.Precision.HIGHEST, 'tf32': lax.Precision.DEFAULT,
                'tf32x3': lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[mode]
@@ -147,20 +159,19 @@ def _log_decays(w_ref, rows):
 # A is one dot split at the chunk's middle row `ref` (per channel),
 # (r exp(ge - ref)) (k exp(ref - gi))^T, wherever both factors stay within
 # exp(+-DOT_SPAN), far inside fp32: the middle halves the largest exponent the
-# start row would give. Where the span is wider, the forward tries two dots
-# (see _diagonal_fwd's by_halves), which halve it again; past that (decay
-# below exp(-60) within a quarter chunk: rare in trained models, common in the
-# tests) one key row s is taken per step, so the pairwise exponentials live as
-# an [L, K] tile at a time rather than an [L, L, K] block.
+# start row would give. Where the span is wider, two dots (see _halves) halve
+# it again; past that (decay below exp(-60) within a quarter chunk: rare in
+# trained models, common in the tests) one key row s is taken per step, so the
+# pairwise exponentials live as an [L, K] tile at a time rather than an
+# [L, L, K] block. With random 1.6B-shaped weights (rwkv_jax.synthetic, 4096
+# tokens), 48% of 32-row chunk-heads need the two dots and 0.8% the rows.
 DOT_SPAN = 60.0
-# The backward's dot form with split-bf16 dots (bf16x3: ~2^-16 relative) also
-# needs every step's log decay above -STEP_SPAN: under stronger decays the
-# in-chunk decay gradient, sum r dr - sum k dk, cancels to a few hundredths of
-# its terms, and dw's error reached 1e-2 (w in [2.05, 2.35], i.e. log decay
-# -7.8 to -10.5 a step, in a chunk of 6 steps and padding); the row form keeps
-# fp32 there (1.7e-3). With log decays down to -6.7 (w <= 1.9) the dot form
-# measured 2e-4 to 5e-4; the bound leaves a margin below that.
-STEP_SPAN = 5.0
+# A step's log decay below -STEEP (w > 1.6) makes the backward's bf16x3 dots
+# too coarse for the decay gradient (see _diagonal_bwd). dw's relative RMS
+# error with bf16x3 (bf16 inputs, T=70, 10 draws): 2e-4 to 5e-4 where no step
+# was steeper (w in [1.4, 1.9], such chunks taking the row form), 4.6e-4 to
+# 1.3e-3 for w in [1.6, 2.0], 1.1e-2 to 2e-2 for w in [2.05, 2.35].
+STEEP = 5.0
 
 
 def _mid(gi, start, rows):
@@ -168,18 +179,30 @@ def _mid(gi, start, rows):
   return _row(gi, start + rows // 2 - 1)
 
 
-def _by_span(cfg, gi, ge, by_dot, by_rows, operand, by_halves=None, step_span=None):
+def _halves(gi, ge, ref_LxK):
+  """Exponents of the two-dot form: pairs within a half use that half's middle
+  row (ref_LxK, per row), pairs across the halves the boundary, where both
+  factors are <= 1. Returns (exp(ge - ref), exp(ref - gi)) for each kind and
+  the [L, L] mask of within-half pairs; a dot's entries for the other kind of
+  pair may overflow and are selected away."""
+  L = gi.shape[0]
+  edge = _mid(gi, 0, L)
+  within = jnp.exp(ge - ref_LxK), jnp.exp(ref_LxK - gi)
+  across = jnp.exp(jnp.minimum(ge - edge, 0.0)), jnp.exp(jnp.minimum(edge - gi, 0.0))
+  row = lax.broadcasted_iota(jnp.int32, (L, L), 0) < L // 2
+  col = lax.broadcasted_iota(jnp.int32, (L, L), 1) < L // 2
+  return within, across, row == col
+
+
+def _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, operand):
+  """The first in-chunk form whose exponents fit DOT_SPAN: one dot, two dots (by halves), rows."""
   if cfg.diag == 'rows':
     return by_rows(operand)
   L = gi.shape[0]
   fits = lambda ref: jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi)) <= DOT_SPAN
-  if step_span is not None:  # and no step's log decay -g = ge - gi is steeper than -step_span
-    fits = lambda ref, fits=fits: fits(ref) & (jnp.max(ge - gi) <= step_span)
-  fallback = by_rows
-  if by_halves is not None:
-    top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < L // 2
-    ref_LxK = jnp.where(top, _mid(gi, 0, L // 2), _mid(gi, L // 2, L // 2))
-    fallback = lambda x: lax.cond(fits(ref_LxK), functools.partial(by_halves, ref_LxK), by_rows, x)
+  top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < L // 2
+  ref_LxK = jnp.where(top, _mid(gi, 0, L // 2), _mid(gi, L // 2, L // 2))
+  fallback = lambda x: lax.cond(fits(ref_LxK), functools.partial(by_halves, ref_LxK), by_rows, x)
   ref = _mid(gi, 0, L)
   return lax.cond(fits(ref), functools.partial(by_dot, ref), fallback, operand)
 
@@ -188,23 +211,16 @@ def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
   """Adds the causal in-chunk term sum_{s<t} A[t,s] v_s to o."""
   k_ref, v_ref = refs
   mode = _mode(cfg)
-  L = r.shape[0]
 
   def by_dot(ref, o):
     a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True))
     return o + _dot(a, v, mode)
 
   def by_halves(ref_LxK, o):
-    # Pairs within a half use that half's middle row (ref_LxK, per row); pairs
-    # across the halves use the boundary, where both factors are <= 1. Each
-    # dot's entries for the other kind of pair may overflow and are selected away.
-    within = _dot(r * jnp.exp(ge - ref_LxK), k * jnp.exp(ref_LxK - gi), mode, trans_b=True)
-    edge = _mid(gi, 0, L)
-    across = _dot(r * jnp.exp(jnp.minimum(ge - edge, 0.0)), k * jnp.exp(jnp.minimum(edge - gi, 0.0)), mode,
-                  trans_b=True)
-    row = lax.broadcasted_iota(jnp.int32, (L, L), 0) < L // 2
-    col = lax.broadcasted_iota(jnp.int32, (L, L), 1) < L // 2
-    return o + _dot(_strictly_lower(jnp.where(row == col, within, across)), v, mode)
+    (qe_w, ke_w), (qe_a, ke_a), same = _halves(gi, ge, ref_LxK)
+    within = _dot(r * qe_w, k * ke_w, mode, trans_b=True)
+    across = _dot(r * qe_a, k * ke_a, mode, trans_b=True)
+    return o + _dot(_strictly_lower(jnp.where(same, within, across)), v, mode)
 
   def by_rows(o):
     row_LxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
@@ -217,7 +233,7 @@ def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
 
     return lax.fori_loop(0, r.shape[0], body, o)
 
-  return _by_span(cfg, gi, ge, by_dot, by_rows, o, by_halves)
+  return _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, o)
 
 
 def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
@@ -225,12 +241,36 @@ def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
   k_ref, v_ref = refs
   mode = _mode(cfg)
 
-  def by_dot(ref, _):
-    q, kq = r * jnp.exp(ge - ref), k * jnp.exp(ref - gi)
+  # dr and dk feed the decay gradient sum_t (r dr - k dk), which under steep
+  # decays (a step's log decay below -STEEP) cancels to a few hundredths of
+  # its terms: with bf16x3 there dw's error reached 1e-2 (w in [2.05, 2.35]
+  # over a chunk of 6 steps and padding). There their two dots split in three
+  # (bf16x6, 2^-24 relative); other chunks keep bf16x3. The two-dot form
+  # (decays summing past DOT_SPAN within half a chunk) always splits in three.
+  fine = 'bf16x6' if mode == 'bf16x3' else mode
+
+  def by_dot(ref, _, dr_dk_mode):
+    qe, ke = jnp.exp(ge - ref), jnp.exp(ref - gi)
+    q, kq = r * qe, k * ke
     a = _strictly_lower(_dot(q, kq, mode, trans_b=True))
     da = _strictly_lower(_dot(do, v, mode, trans_b=True))
-    return (jnp.exp(ge - ref) * _dot(da, kq, mode), jnp.exp(ref - gi) * _dot(da, q, mode, trans_a=True),
+    return (qe * _dot(da, kq, dr_dk_mode), ke * _dot(da, q, dr_dk_mode, trans_a=True),
             _dot(a, do, mode, trans_a=True))
+
+  def by_dot_fine_when_steep(ref, x):
+    steep = jnp.max(ge - gi) > STEEP  # ge - gi = -g
+    return lax.cond(steep, functools.partial(by_dot, ref, dr_dk_mode=fine),
+                    functools.partial(by_dot, ref, dr_dk_mode=mode), x)
+
+  def by_halves(ref_LxK, _):
+    (qe_w, ke_w), (qe_a, ke_a), same = _halves(gi, ge, ref_LxK)
+    q_w, kq_w, q_a, kq_a = r * qe_w, k * ke_w, r * qe_a, k * ke_a
+    a = _strictly_lower(jnp.where(same, _dot(q_w, kq_w, mode, trans_b=True), _dot(q_a, kq_a, mode, trans_b=True)))
+    da = _strictly_lower(_dot(do, v, mode, trans_b=True))
+    da_w, da_a = jnp.where(same, da, 0.0), jnp.where(same, 0.0, da)
+    dr = qe_w * _dot(da_w, kq_w, fine) + qe_a * _dot(da_a, kq_a, fine)
+    dk = ke_w * _dot(da_w, q_w, fine, trans_a=True) + ke_a * _dot(da_a, q_a, fine, trans_a=True)
+    return dr, dk, _dot(a, do, mode, trans_a=True)
 
   def by_rows(grads):
     row_LxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
@@ -251,7 +291,7 @@ def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
     return lax.fori_loop(0, r.shape[0], body, grads)
 
   zeros = (jnp.zeros(r.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32))
-  return _by_span(cfg, gi, ge, by_dot, by_rows, zeros, step_span=None if mode == 'ieee' else STEP_SPAN)
+  return _by_span(cfg, gi, ge, by_dot_fine_when_steep, by_halves, by_rows, zeros)
 
 
 # ----------------------------------------------------------------------------- forward

@@ -18,7 +18,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rwkv_jax import api, cli, data, model, state_io, train
 from rwkv_jax.config import RWKVConfig
