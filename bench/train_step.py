@@ -7,11 +7,14 @@ int8 / nf4 (rwkv_jax.quant). The peer is bench/peer_step.py (fla chunk_rwkv6).
 Every configuration runs in its own process: peak memory is process-wide, and an
 OOM must not end the run.
 
-  python bench/train_step.py --out DIR [DIR ...] [--quick] [--configs REGEX] [--tiny]
+  python bench/train_step.py --out DIR [DIR ...] [--quick] [--configs REGEX] [--tiny] [--init_decays]
 
   --quick    only 1.6B ctx 1024 bsz 1 grad_cp 1, both implementations
   --configs  keep configurations whose name (e.g. 7B-1024x1-cp1-nf4) matches REGEX
   --tiny     2-layer C128 model, ctx 32, on whatever device there is (a CPU check)
+  --init_decays  decays as RWKV-6 initialises them (time_decay in [-6, -1], decay LoRA ~0)
+             instead of synthetic.py's steeper spread, which sends more WKV chunks to the
+             backward's slower forms; results get an _init-decays suffix
 
 Writes train_step_<card>_<date>.json and .md into every --out directory and
 prints the table.
@@ -119,7 +122,8 @@ class JaxRng:
     return jax.random.uniform(self.key, shape, minval=low, maxval=high)
 
 
-def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0, host_embedding: bool = True) -> dict:
+def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0, host_embedding: bool = True,
+                  init_decays: bool = False) -> dict:
   """bf16 random params on the device in the trainer's tree (checkpoint.build_params), drawn a
   tensor at a time and quantized as drawn, so no fp32 or dense copy of the model ever exists: it
   would set the process's peak. The embedding goes to host memory as drawn, where the trainer
@@ -130,7 +134,7 @@ def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0, host_embeddin
 
   @functools.partial(jax.jit, static_argnums=(0, 1, 3))
   def draw(leaf, shape, key, mode):
-    value = synthetic.random_tensor(leaf, shape, JaxRng(key)).astype(jnp.bfloat16)
+    value = synthetic.random_tensor(leaf, shape, JaxRng(key), init_decays).astype(jnp.bfloat16)
     return value if mode == 'none' else quant.quantize(value, mode)
 
   matrices = tuple(f'.{group}.{name}.weight' for group, name in quant.MATRICES)
@@ -160,14 +164,14 @@ def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
   assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors + quantize_params'
 
 
-def jax_worker(case: Case, implementation: str | None) -> dict:
+def jax_worker(case: Case, implementation: str | None, init_decays: bool) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from pallas_kernels.wkv6 import default_implementation  # pylint: disable=g-import-not-at-top
   from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
   cfg = MODELS[case.model]
   if case.model == 'tiny':
     check_layout(cfg, case.quant)
-  params, embedding = train.host_embedding(random_params(cfg, case.quant))
+  params, embedding = train.host_embedding(random_params(cfg, case.quant, init_decays=init_decays))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
   targets = jax.device_put(tokens[..., 1:])
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
@@ -178,16 +182,19 @@ def jax_worker(case: Case, implementation: str | None) -> dict:
   compiled = step.lower(train_state, params, inputs(), targets).compile()
   compile_s = time.perf_counter() - t0
   steps, warmup = step_counts(case)
-  times, batch = [], inputs()
-  for i in range(warmup + steps):
-    # As in train_state.py: the host gathers and sends the next batch while the device runs this
-    # step, and reading the loss ends the step.
-    t0 = time.perf_counter()
+  # As in train_state.py: one step stays queued on the device while the host gathers and sends
+  # the next batch, dispatches the next step and reads the previous loss. A step's time is the
+  # interval between two loss reads.
+  reads, batch, pending = [], inputs(), None
+  for _ in range(warmup + steps + 1):
     train_state, loss = compiled(train_state, params, batch, targets)
     batch = inputs()
-    loss = float(loss)
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
+    if pending is not None:
+      float(pending)
+      reads.append(time.perf_counter())
+    pending = loss
+  loss = float(pending)
+  times = np.diff(reads)[warmup - 1:]
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   return {'step_ms': statistics.median(times) * 1e3, 'peak_gb': peak / 1e9 if peak else None,
@@ -233,19 +240,20 @@ def run_process(argv: list[str], timeout_s: float) -> dict:
   return {'error': f'exit {proc.returncode}: ' + ((raised or lines or ['no output'])[-1][:300])}
 
 
-def run_case(case: Case, impl: str, implementation: str | None, timeout_s: float) -> dict:
+def run_case(case: Case, impl: str, implementation: str | None, init_decays: bool, timeout_s: float) -> dict:
   if impl == 'peer':
     cfg = MODELS[case.model]
     argv = ['bench/peer_step.py', '--config', json.dumps(dataclasses.asdict(cfg)), '--ctx_len', str(case.ctx_len),
             '--micro_bsz', str(case.micro_bsz), '--grad_cp', str(case.grad_cp)]
     argv += ['--steps', str(step_counts(case)[0]), '--warmup', str(step_counts(case)[1])]
+    argv += ['--init_decays'] if init_decays else []
     return run_process(argv, timeout_s)
-  worker = json.dumps({'case': dataclasses.asdict(case), 'implementation': implementation})
+  worker = json.dumps({'case': dataclasses.asdict(case), 'implementation': implementation, 'init_decays': init_decays})
   result = run_process(['bench/train_step.py', '--worker', worker], timeout_s)
   if 'error' in result and not result['error'].startswith(('OOM', 'timeout')) and implementation is None:
     # The Pallas kernel is new: if it fails, time the XLA fallback rather than lose the row.
     retry = run_process(['bench/train_step.py', '--worker', json.dumps(
-        {'case': dataclasses.asdict(case), 'implementation': 'xla_chunked'})], timeout_s)
+        {'case': dataclasses.asdict(case), 'implementation': 'xla_chunked', 'init_decays': init_decays})], timeout_s)
     retry['note'] = f'default WKV failed ({result["error"][:200]}); timed xla_chunked'
     return retry if 'error' not in retry else result
   return result
@@ -283,7 +291,8 @@ def markdown(report: dict) -> str:
   lines = [f'# State-tuning step: rwkv-jax vs peer ({report["card"]}, {report["date"]})', '',
            f'Peak used for MFU: {report["peak_tflops"]:.0f} TFLOP/s ({report["peak_source"]}). '
            'Quantized rows are compared with the peer\'s bf16 row of the same shape. '
-           'Peer compile = its first step (Triton JIT and autotuning).', '',
+           'Peer compile = its first step (Triton JIT and autotuning).'
+           + (' Decays as RWKV-6 initialises them (--init_decays).' if report.get('decays') == 'init' else ''), '',
            '| config | WKV | rwkv-jax tok/s | peer tok/s | speed ratio | rwkv-jax peak GB | peer peak GB '
            '| memory ratio | rwkv-jax MFU | peer MFU | rwkv-jax compile s | peer first step s |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -317,12 +326,15 @@ def main():
   p.add_argument('--tiny', action='store_true', help='2-layer C128 model at ctx 32 (CPU check)')
   p.add_argument('--impls', default='rwkv-jax,peer', help='comma-separated subset of rwkv-jax,peer')
   p.add_argument('--implementation', help='WKV implementation for rwkv-jax (default: the platform default)')
+  p.add_argument('--init_decays', action='store_true',
+                 help='RWKV-6\'s initial decays (time_decay in [-6, -1], no decay LoRA) instead of steeper ones')
   p.add_argument('--budget_s', type=float, default=450, help='skip configurations that would start after this')
   p.add_argument('--worker', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
     spec = json.loads(args.worker)
-    result = peak_worker() if spec.get('kind') == 'peak' else jax_worker(Case(**spec['case']), spec['implementation'])
+    result = (peak_worker() if spec.get('kind') == 'peak' else
+              jax_worker(Case(**spec['case']), spec['implementation'], spec['init_decays']))
     print('RESULT ' + json.dumps(result), flush=True)
     return
 
@@ -341,7 +353,7 @@ def main():
       if left < RESERVE_S:
         result = {'error': f'skipped: --budget_s {args.budget_s:.0f} spent'}
       else:
-        result = run_case(case, impl, args.implementation, min(WORKER_TIMEOUT_S, left))
+        result = run_case(case, impl, args.implementation, args.init_decays, min(WORKER_TIMEOUT_S, left))
       rows.append(make_row(case, impl, result, peak_flops))
       shown = {k: rows[-1].get(k) for k in ('tok_s', 'step_ms', 'peak_gb', 'mfu', 'compile_s', 'wkv', 'error')}
       print(f'{time.perf_counter() - start:6.0f}s {impl:8s} {case.name}: {json.dumps(shown)}', flush=True)
@@ -349,9 +361,9 @@ def main():
   card = device.get('card') or 'unknown'
   date = datetime.date.today().isoformat()
   report = {'card': card, 'date': date, 'versions': versions(), 'peak_tflops': peak_flops / 1e12,
-            'peak_source': source, 'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)',
+            'peak_source': source, 'decays': 'init' if args.init_decays else 'random', 'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)',
             'results': rows}
-  stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}'
+  stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}' + ('_init-decays' * args.init_decays)
   table = markdown(report)
   for out in args.out:
     out = pathlib.Path(out)

@@ -14,9 +14,13 @@ TINY = RWKVConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=65536, dim_ffn
                   dim_mix_lora=32, dim_decay_lora=64)
 
 
-def random_tensor(name: str, shape, rng: np.random.Generator) -> np.ndarray:
+def random_tensor(name: str, shape, rng: np.random.Generator, init_decays: bool = False) -> np.ndarray:
+  """One tensor. init_decays: time_decay over [-6, -1] and the decay LoRA's output near zero, as
+  RWKV-6 initialises them, instead of the default spread (steeper: w up to ~4)."""
   normal = lambda scale: rng.normal(0.0, scale, shape)
   leaf = name.split('.', 2)[-1] if name.startswith('blocks.') else name
+  if init_decays and leaf in ('att.time_decay', 'att.time_decay_w2'):
+    return rng.uniform(-6.0, -1.0, shape) if leaf == 'att.time_decay' else rng.uniform(-0.01, 0.01, shape)
   if leaf.endswith(('ln0.weight', 'ln1.weight', 'ln2.weight', 'ln_x.weight', 'ln_out.weight')):
     return 1.0 + normal(0.1)
   if leaf.endswith('.bias'):
