@@ -361,9 +361,10 @@ def main():
   card = device.get('card') or 'unknown'
   date = datetime.date.today().isoformat()
   report = {'card': card, 'date': date, 'versions': versions(), 'peak_tflops': peak_flops / 1e12,
-            'peak_source': source, 'decays': 'init' if args.init_decays else 'random', 'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)',
-            'results': rows}
-  stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}' + ('_init-decays' * args.init_decays)
+            'peak_source': source, 'decays': 'init' if args.init_decays else 'random',
+            'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)', 'results': rows}
+  stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}'
+  stem += '_init-decays' if args.init_decays else ''
   table = markdown(report)
   for out in args.out:
     out = pathlib.Path(out)
