@@ -2,8 +2,9 @@
 # State-tuning step benchmark on the GPU machine: rwkv-jax vs the PyTorch/fla peer.
 #   OUT=/some/dir bash bench/gpu_train_step.sh [extra train_step.py flags, e.g. --quick]
 # train_step.py stops starting configurations after --budget_s (450 s by default; 7B int8/nf4
-# come last and are the first to be skipped). On an H200 the 1.6B configurations take ~340 s and
-# the 3B/7B ones ~360 s (mostly compiles), so the whole table is two calls of at most 10 minutes:
+# come last and are the first to be skipped) and spreads them over every visible GPU. The whole
+# table is one call of at most 10 minutes on two H200s (nvidia-h200-x2); on one H200 the 1.6B
+# configurations take ~340 s and the 3B/7B ones ~360 s (mostly compiles), so there it is two:
 #   ... --configs '^1.6B' --budget_s 510, then --configs '^(7B|3B)' --budget_s 520
 # Results: train_step_<card>_<date>.{json,md} in "$OUT" and bench/results; log in "$OUT".
 set -uo pipefail

@@ -5,13 +5,18 @@ the states only, clip + Adam) on RWKV-6 1.6B / 3B / 7B shapes, bf16 random
 weights drawn on the device with jax.random in the param-tree layout, optionally
 int8 / nf4 (rwkv_jax.quant). The peer is bench/peer_step.py (fla chunk_rwkv6).
 Every configuration runs in its own process: peak memory is process-wide, and an
-OOM must not end the run.
+OOM must not end the run. With several GPUs, each takes the next configuration
+from one queue (one process per GPU at a time), and each GPU keeps a
+persistent JAX cache of the weight-drawing functions for its later processes.
 
   python bench/train_step.py --out DIR [DIR ...] [--quick] [--configs REGEX] [--tiny] [--init_decays]
+                             [--gpus N] [--budget_s S]
 
   --quick    only 1.6B ctx 1024 bsz 1 grad_cp 1, both implementations
   --configs  keep configurations whose name (e.g. 7B-1024x1-cp1-nf4) matches REGEX
   --tiny     2-layer C128 model, ctx 32, on whatever device there is (a CPU check)
+  --gpus     GPUs to spread the configurations over (default: all); the whole table took
+             11.6 minutes on one H200 (two calls) and 4.6 over two
   --init_decays  decays as RWKV-6 initialises them (time_decay in [-6, -1], decay LoRA ~0)
              instead of synthetic.py's steeper spread, which sends more WKV chunks to the
              backward's slower forms; results get an _init-decays suffix
@@ -30,6 +35,7 @@ import os
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # before jax: peaks must be the step's own
 
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import collections
 import dataclasses
 import datetime
 import functools
@@ -38,9 +44,12 @@ import json
 import pathlib
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -164,14 +173,18 @@ def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
   assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors + quantize_params'
 
 
-def jax_worker(case: Case, implementation: str | None, init_decays: bool) -> dict:
+def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_dir: str | None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from pallas_kernels.wkv6 import default_implementation  # pylint: disable=g-import-not-at-top
   from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
+  if cache_dir:  # the weight draws compile ~10 s a process; cached, later processes load them
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   cfg = MODELS[case.model]
   if case.model == 'tiny':
     check_layout(cfg, case.quant)
   params, embedding = train.host_embedding(random_params(cfg, case.quant, init_decays=init_decays))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))  # compile_s: a cold compile
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
   targets = jax.device_put(tokens[..., 1:])
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
@@ -215,14 +228,17 @@ def peak_worker() -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready([matmul(a, a) for _ in range(10)])
     times.append((time.perf_counter() - t0) / 10)
-  return {'card': device.device_kind, 'platform': device.platform, 'peak_flops': 2 * n**3 / statistics.median(times)}
+  return {'card': device.device_kind, 'platform': device.platform, 'gpus': jax.device_count(),
+          'peak_flops': 2 * n**3 / statistics.median(times)}
 
 
 # ---------------------------------------------------------------- driver
 
-def run_process(argv: list[str], timeout_s: float) -> dict:
-  """Runs a worker; its result is the JSON after 'RESULT ', anything else becomes an error."""
+def run_process(argv: list[str], timeout_s: float, gpu: int | None = None) -> dict:
+  """Runs a worker (on one GPU if given); its result is the JSON after 'RESULT ', anything else an error."""
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE='false')
+  if gpu is not None:
+    env['CUDA_VISIBLE_DEVICES'] = str(gpu)
   try:
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout_s, env=env,
                           cwd=ROOT)
@@ -240,20 +256,22 @@ def run_process(argv: list[str], timeout_s: float) -> dict:
   return {'error': f'exit {proc.returncode}: ' + ((raised or lines or ['no output'])[-1][:300])}
 
 
-def run_case(case: Case, impl: str, implementation: str | None, init_decays: bool, timeout_s: float) -> dict:
+def run_case(case: Case, impl: str, implementation: str | None, init_decays: bool, timeout_s: float,
+             gpu: int | None, cache_dir: str | None) -> dict:
   if impl == 'peer':
     cfg = MODELS[case.model]
     argv = ['bench/peer_step.py', '--config', json.dumps(dataclasses.asdict(cfg)), '--ctx_len', str(case.ctx_len),
             '--micro_bsz', str(case.micro_bsz), '--grad_cp', str(case.grad_cp)]
     argv += ['--steps', str(step_counts(case)[0]), '--warmup', str(step_counts(case)[1])]
     argv += ['--init_decays'] if init_decays else []
-    return run_process(argv, timeout_s)
-  worker = json.dumps({'case': dataclasses.asdict(case), 'implementation': implementation, 'init_decays': init_decays})
-  result = run_process(['bench/train_step.py', '--worker', worker], timeout_s)
+    return run_process(argv, timeout_s, gpu)
+  spec = {'case': dataclasses.asdict(case), 'init_decays': init_decays, 'cache_dir': cache_dir}
+  result = run_process(['bench/train_step.py', '--worker', json.dumps({**spec, 'implementation': implementation})],
+                       timeout_s, gpu)
   if 'error' in result and not result['error'].startswith(('OOM', 'timeout')) and implementation is None:
     # The Pallas kernel is new: if it fails, time the XLA fallback rather than lose the row.
-    retry = run_process(['bench/train_step.py', '--worker', json.dumps(
-        {'case': dataclasses.asdict(case), 'implementation': 'xla_chunked', 'init_decays': init_decays})], timeout_s)
+    retry = run_process(['bench/train_step.py', '--worker', json.dumps({**spec, 'implementation': 'xla_chunked'})],
+                        timeout_s, gpu)
     retry['note'] = f'default WKV failed ({result["error"][:200]}); timed xla_chunked'
     return retry if 'error' not in retry else result
   return result
@@ -292,6 +310,8 @@ def markdown(report: dict) -> str:
            f'Peak used for MFU: {report["peak_tflops"]:.0f} TFLOP/s ({report["peak_source"]}). '
            'Quantized rows are compared with the peer\'s bf16 row of the same shape. '
            'Peer compile = its first step (Triton JIT and autotuning).'
+           + (f' Configurations spread over {report["gpus"]} GPUs of one machine, one process per GPU at a time.'
+              if report.get('gpus', 1) > 1 else '')
            + (' Decays as RWKV-6 initialises them (--init_decays).' if report.get('decays') == 'init' else ''), '',
            '| config | WKV | rwkv-jax tok/s | peer tok/s | speed ratio | rwkv-jax peak GB | peer peak GB '
            '| memory ratio | rwkv-jax MFU | peer MFU | rwkv-jax compile s | peer first step s |',
@@ -329,12 +349,13 @@ def main():
   p.add_argument('--init_decays', action='store_true',
                  help='RWKV-6\'s initial decays (time_decay in [-6, -1], no decay LoRA) instead of steeper ones')
   p.add_argument('--budget_s', type=float, default=450, help='skip configurations that would start after this')
+  p.add_argument('--gpus', type=int, help='GPUs to spread the configurations over (default: all visible)')
   p.add_argument('--worker', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
     spec = json.loads(args.worker)
     result = (peak_worker() if spec.get('kind') == 'peak' else
-              jax_worker(Case(**spec['case']), spec['implementation'], spec['init_decays']))
+              jax_worker(Case(**spec['case']), spec['implementation'], spec['init_decays'], spec['cache_dir']))
     print('RESULT ' + json.dumps(result), flush=True)
     return
 
@@ -346,22 +367,43 @@ def main():
   print(f'{device.get("card")}: {peak_flops / 1e12:.0f} TFLOP/s ({source})', flush=True)
 
   impls = args.impls.split(',')
-  rows = []
-  for case in select_cases(args):
-    for impl in (i for i in case.impls() if i in impls):
+  tasks = [(case, impl) for case in select_cases(args) for impl in case.impls() if impl in impls]
+  queue = collections.deque(enumerate(tasks))
+  rows = [None] * len(tasks)
+  on_gpu = device.get('platform') == 'gpu'
+  gpus = list(range(min(args.gpus or device['gpus'], device['gpus']))) if on_gpu else [None]
+
+  def work(gpu):  # one GPU: the next task of the shared queue until it is empty
+    cache_dir = tempfile.mkdtemp(prefix='train_step_jax_cache_')
+    while True:
+      try:
+        index, (case, impl) = queue.popleft()
+      except IndexError:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        return
       left = args.budget_s - (time.perf_counter() - start)
       if left < RESERVE_S:
         result = {'error': f'skipped: --budget_s {args.budget_s:.0f} spent'}
       else:
-        result = run_case(case, impl, args.implementation, args.init_decays, min(WORKER_TIMEOUT_S, left))
-      rows.append(make_row(case, impl, result, peak_flops))
-      shown = {k: rows[-1].get(k) for k in ('tok_s', 'step_ms', 'peak_gb', 'mfu', 'compile_s', 'wkv', 'error')}
-      print(f'{time.perf_counter() - start:6.0f}s {impl:8s} {case.name}: {json.dumps(shown)}', flush=True)
+        try:  # a row that fails here must not end this GPU's thread and lose the rest of its queue
+          result = run_case(case, impl, args.implementation, args.init_decays, min(WORKER_TIMEOUT_S, left), gpu,
+                            cache_dir)
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          result = {'error': f'driver: {type(e).__name__}: {e}'[:300]}
+      rows[index] = make_row(case, impl, {**result, 'gpu': gpu}, peak_flops)
+      shown = {k: rows[index].get(k) for k in ('tok_s', 'step_ms', 'peak_gb', 'mfu', 'compile_s', 'wkv', 'error')}
+      print(f'{time.perf_counter() - start:6.0f}s gpu {gpu} {impl:8s} {case.name}: {json.dumps(shown)}', flush=True)
+
+  threads = [threading.Thread(target=work, args=(gpu,)) for gpu in gpus]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
 
   card = device.get('card') or 'unknown'
   date = datetime.date.today().isoformat()
   report = {'card': card, 'date': date, 'versions': versions(), 'peak_tflops': peak_flops / 1e12,
-            'peak_source': source, 'decays': 'init' if args.init_decays else 'random',
+            'peak_source': source, 'decays': 'init' if args.init_decays else 'random', 'gpus': len(gpus),
             'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)', 'results': rows}
   stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}'
   stem += '_init-decays' if args.init_decays else ''
