@@ -177,14 +177,15 @@ def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_
   import jax  # pylint: disable=g-import-not-at-top
   from pallas_kernels.wkv6 import default_implementation  # pylint: disable=g-import-not-at-top
   from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
-  if cache_dir:  # the weight draws compile ~10 s a process; cached, later processes load them
+  if cache_dir:  # drawing the weights took ~10 s a process: later processes load its compiled functions
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   cfg = MODELS[case.model]
   if case.model == 'tiny':
     check_layout(cfg, case.quant)
   params, embedding = train.host_embedding(random_params(cfg, case.quant, init_decays=init_decays))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))  # compile_s: a cold compile
+  if cache_dir:  # but not the step: compile_s stays a cold compile
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
   targets = jax.device_put(tokens[..., 1:])
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
