@@ -42,7 +42,7 @@ def _inputs(B, T, H, K, seed=0):
   w = jnp.asarray(rng.uniform(-6.0, -1.0, (B, T, H, K)), jnp.bfloat16)
   u = bf16(H, K, scale=0.5)
   s0 = jnp.asarray(rng.standard_normal((H, K, K)), jnp.float32)
-  dy = jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.bfloat16)  # y is bf16 for bf16 inputs
   dsT = jnp.asarray(rng.standard_normal((B, H, K, K)), jnp.float32)
   return (r, k, v, w, u, s0), (dy, dsT)
 
@@ -126,8 +126,8 @@ def _table(results):
   return '\n'.join(lines)
 
 
-SWEEP_VARIANTS = ({}, dict(chunk=16), dict(state_steps=1), dict(block_v=32), dict(warps_bwd=8),
-                  dict(warps_out=8), dict(warps_state=8), dict(dots='tf32x3'), dict(dots='tf32'), dict(diag='rows'))
+SWEEP_VARIANTS = ({}, dict(chunk=16), dict(state_steps=1), dict(block_v=32),
+                  dict(warps_chunk=8), dict(warps_state=8), dict(dots='tf32x3'), dict(dots='tf32'), dict(diag='rows'))
 
 
 def worst_error(op, B=2, T=300, H=4, K=64):
@@ -197,18 +197,17 @@ def registers(shape, compute_capability=None):
   jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))).trace(*args).lower(lowering_platforms=('cuda',))
   lowering.lower_jaxpr_to_triton_module = lower
   cc = compute_capability or int(getattr(jax.devices()[0], 'compute_capability', '9.0').replace('.', ''))
-  warps = dict(wkv6_state_fwd=cfg.warps_state, wkv6_state_bwd=cfg.warps_state,
-               wkv6_out_fwd=cfg.warps_out, wkv6_chunk_bwd=cfg.warps_bwd)
+  warps = lambda name: cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
   tmp = pathlib.Path(tempfile.mkdtemp())
   for name, text in sorted(ir.items()):
     (tmp / f'{name}.ttir').write_text(text)
     kernel = triton.compile(str(tmp / f'{name}.ttir'), target=GPUTarget('cuda', cc, 32),
-                            options=dict(num_warps=warps[name], num_stages=cfg.stages))
+                            options=dict(num_warps=warps(name), num_stages=cfg.stages))
     (tmp / f'{name}.ptx').write_text(kernel.asm['ptx'])
     arch = f'sm_{cc}a' if cc in (90, 100) else f'sm_{cc}'
     log = subprocess.run([get_ptxas(cc).path, '-v', f'--gpu-name={arch}', str(tmp / f'{name}.ptx'),
                           '-o', str(tmp / f'{name}.o')], capture_output=True, text=True, check=True).stderr
-    print(f'sm_{cc} {name} warps={warps[name]}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
+    print(f'sm_{cc} {name} warps={warps(name)}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
           f'shared={kernel.metadata.shared}', flush=True)
 
 

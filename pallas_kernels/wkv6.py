@@ -50,9 +50,9 @@ IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
 def default_implementation(T: int = 1) -> str:
   """The fastest measured implementation for this platform and sequence length.
 
-  On an H200 (bench/results/wkv6_nvidia-h200_2026-11-28, forward+backward)
-  pallas takes 0.32 / 0.62 / 7.98 ms at (B,T,H) = (1,1024,32) / (8,512,32) /
-  (8,4096,64) against xla_chunked's 1.44 / 2.25 / 28.7 ms.
+  On an H200 (bench/results/wkv6_nvidia-h200_2026-11-28b, forward+backward)
+  pallas takes 0.28 / 0.55 / 7.06 ms at (B,T,H) = (1,1024,32) / (8,512,32) /
+  (8,4096,64) against xla_chunked's 1.71 / 2.24 / 29.0 ms.
   """
   if T == 1:
     return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it
@@ -60,7 +60,9 @@ def default_implementation(T: int = 1) -> str:
 
 
 def wkv6(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0, *, implementation=None):
-  """WKV-6 over a sequence. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32).
+  """WKV-6 over a sequence. Returns (y [B,T,H,V], final state [B,H,V,K] fp32).
+
+  y is bf16 when r, k and v all are, else fp32 (see wkv6_pallas).
 
   s0 is one state per sequence [B,H,V,K] or one shared state [H,V,K] (state
   tuning); a shared state is broadcast here, outside any custom VJP, so its
@@ -71,9 +73,12 @@ def wkv6(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0, *, implementatio
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown WKV implementation {implementation!r}; choose one of {IMPLEMENTATIONS}')
   s0_BxHxVxK = jnp.broadcast_to(s0, (B,) + s0.shape[-3:]).astype(jnp.float32)
-  if implementation == 'xla_chunked':
-    return wkv6_chunked(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK)
   if implementation == 'pallas':
     return wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK)
-  f32 = lambda x: x.astype(jnp.float32)
-  return wkv6_reference(f32(r_BxTxHxK), f32(k_BxTxHxK), f32(v_BxTxHxV), f32(w_BxTxHxK), f32(u_HxK), s0_BxHxVxK)
+  if implementation == 'xla_chunked':
+    y, sT = wkv6_chunked(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK)
+  else:
+    f32 = lambda x: x.astype(jnp.float32)
+    y, sT = wkv6_reference(f32(r_BxTxHxK), f32(k_BxTxHxK), f32(v_BxTxHxV), f32(w_BxTxHxK), f32(u_HxK),
+                           s0_BxHxVxK)
+  return y.astype(jnp.result_type(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV)), sT

@@ -5,9 +5,10 @@ in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
 row/column reductions and a cumulative sum, so it can move to another lowering.
-Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28, fwd+bwd, bf16
-inputs, one run): 0.32 / 0.62 / 7.98 ms at (B,T,H,K) = (1,1024,32,64) /
-(8,512,32,64) / (8,4096,64,64) against fla's chunk_rwkv6 2.43 / 1.81 / 13.13.
+Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28b, fwd+bwd, bf16
+inputs, one run): see that table and the README; (8,4096,64,64) is 7.05 ms
+against fla's chunk_rwkv6 13.09 in the same-call comparison of session 10
+(bench/results/wkv6_sweep_session10_*).
 On Ampere and Ada the kernels compile (ptxas for sm_80/86/89: `bench/wkv6.py
 --registers 80 86 89`, at most 43 KB of shared memory a program, inside an RTX
 3090's 99 KB) but have not been run or timed; a Mosaic GPU (wgmma) variant for
@@ -21,19 +22,22 @@ kernel reads the raw w and forms g, gi, ge and G for its chunk itself.
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
                  S <- S * exp(G) + v^T (k * exp(G - gi))
-  chunk kernel  (grid chunks x B x H, fully parallel): one chunk of rows,
+  output kernel (grid chunks x B x H, fully parallel): one chunk of rows,
                  o = (r * exp(ge)) S^T + A v + (r . u . k) v, the causal
                  in-chunk A as a dot of factors split at the chunk's middle row
                  where its decay span allows (else per half), else as pairwise
                  exponentials a key row at a time (see DOT_SPAN), as [L, K]
-                 tiles rather than an [L, L, K] block.
-  backward      the same two shapes: a reverse state kernel carries dS (its
-                 final value is d s0) and stores each chunk's end-state gradient;
-                 a parallel chunk kernel recomputes A from the stored states and
-                 returns dr, dk, dv, dw (in the inputs' dtypes) and per-chunk
-                 sums of du, from the log-decay gradient
-                 dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
-                 (bonus-free dr, dk; dG = colsum(S_end * dS_end)) and dw = dg * g.
+                 tiles rather than an [L, L, K] block. o is bf16 if r, k, v are.
+  backward      a reverse state kernel carries dS (its final value is d s0)
+                 and stores each chunk's end-state gradient; then two parallel
+                 chunk kernels: dv, the output kernel transposed,
+                 dv = (k * exp(G - gi)) dS_end^T + A^T do + (r . u . k) do,
+                 and dr, dk, dw with per-chunk sums of du, from the log-decay
+                 gradient dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
+                 (bonus-free dr, dk; dG = colsum(S_end * dS_end)), dw = dg * g.
+                 One kernel for all four ran at the 255-register cap with
+                 2.5 KB spilled; apart, dv takes 246 registers and spills
+                 nothing, dr/dk/dw spills 1.2 KB (ptxas, sm_90).
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
 -inf, i.e. decay 1) and the sum of du are plain JAX. Dots run at HIGHEST (IEEE
@@ -56,17 +60,18 @@ f32 = jnp.float32
 class Config:
   """Static kernel configuration (hashable: it is a custom_vjp nondiff argument).
 
-  From bench/wkv6.py --sweep on an H100, same-call comparisons (files
-  bench/results/wkv6_sweep_*; session 6 for everything since the decays moved
-  into the kernels). fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64):
+  From bench/wkv6.py --sweep and same-call A/B runs (bench/results/wkv6_sweep_*).
+  fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64):
   - 32-row chunks: 0.34 / 0.62 / 8.8 ms at 16 rows -> 0.27 / 0.60 / 7.6 at 32
-    (half the sequential steps and stored states; the 32-row backward spilled
-    768 B at the 255-register cap, yet was faster). The backward's two-dot form
-    and bf16x6 dots (session 7, H200, wkv6_sweep_session7_*) raised the spill
-    to 2.5 KB and fwd+bwd on non-steep inputs from 0.30 / 0.56 / 7.26 to
-    0.32 / 0.62 / 7.98 ms, and cut the 1.6B 512x8 step's chunk_bwd, whose
-    random decays are steep, from 25.7 to 15.4 ms (8 warps: slower, 10.2 ms
-    at the large shape).
+    (H100, session 6: half the sequential steps and stored states).
+  - The backward's two-dot form and bf16x6 dots (session 7, H200) cost ~10%
+    on non-steep inputs and cut the 1.6B 512x8 step's backward chunk kernel,
+    whose random decays are steep, from 25.7 to 15.4 ms.
+  - dv in a kernel of its own and a bf16 y (session 10, H200): (8,4096,64,64)
+    8.17 -> 7.05 ms, the 512x8 step's backward chunk kernels 15.9 -> 11.3 ms.
+    Slower there: programs taking 32 of the 64 channels (11.2 ms; 16: 15.6),
+    8 warps (21.4), and the output and dv computed inside the sequential
+    kernels, where the state is at hand (8.2; the step 7 ms slower).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
@@ -82,8 +87,7 @@ class Config:
   diag: str = 'auto'        # the in-chunk term: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
   interpret: bool = False
   warps_state: int = 4
-  warps_out: int = 4
-  warps_bwd: int = 4        # spills at 4 warps, yet faster than 8
+  warps_chunk: int = 4      # the parallel chunk kernels (output, dv, dr/dk/dw)
   stages: int = 2
 
   def params(self, warps):
@@ -102,7 +106,7 @@ def _split_bf16(x, parts):
 
 
 def _dot(a, b, mode, trans_a=False, trans_b=False):
-  """a @ b in fp32 by one of the modes of Config.dots (see _mode), or bf16x6 (see _diagonal_bwd)."""
+  """a @ b in fp32 by one of the modes of Config.dots (see _mode), or bf16x6 (see _diagonal_dr_dk)."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   if mode in ('bf16x3', 'bf16x6'):
     # Split into bf16 parts, keeping the products of significance above the
@@ -167,7 +171,7 @@ def _log_decays(w_ref, rows):
 # tokens), 48% of 32-row chunk-heads need the two dots and 0.8% the rows.
 DOT_SPAN = 60.0
 # A step's log decay below -STEEP (w > 1.6) makes the backward's bf16x3 dots
-# too coarse for the decay gradient (see _diagonal_bwd). dw's relative RMS
+# too coarse for the decay gradient (see _diagonal_dr_dk). dw's relative RMS
 # error with bf16x3 (bf16 inputs, T=70, 10 draws): 2e-4 to 5e-4 where no step
 # was steeper (w in [1.4, 1.9], such chunks taking the row form), 4.6e-4 to
 # 1.3e-3 for w in [1.6, 2.0], 1.1e-2 to 2e-2 for w in [2.05, 2.35].
@@ -207,37 +211,39 @@ def _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, operand):
   return lax.cond(fits(ref), functools.partial(by_dot, ref), fallback, operand)
 
 
-def _diagonal_fwd(cfg, refs, r, k, v, gi, ge, o):
-  """Adds the causal in-chunk term sum_{s<t} A[t,s] v_s to o."""
-  k_ref, v_ref = refs
-  mode = _mode(cfg)
+def _diagonal(cfg, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
+  """acc plus the causal in-chunk term: sum_{s<t} A[t,s] x_s (the output's,
+  x = v), or transposed sum_{t>s} A[t,s] x_t (dv's, x = do)."""
+  mode, x = _mode(cfg), x_ref[...]
+  apply = lambda a, acc: acc + _dot(_strictly_lower(a), x, mode, trans_a=transpose)
 
-  def by_dot(ref, o):
-    a = _strictly_lower(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True))
-    return o + _dot(a, v, mode)
+  def by_dot(ref, acc):
+    return apply(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True), acc)
 
-  def by_halves(ref_LxK, o):
+  def by_halves(ref_LxK, acc):
     (qe_w, ke_w), (qe_a, ke_a), same = _halves(gi, ge, ref_LxK)
     within = _dot(r * qe_w, k * ke_w, mode, trans_b=True)
     across = _dot(r * qe_a, k * ke_a, mode, trans_b=True)
-    return o + _dot(_strictly_lower(jnp.where(same, within, across)), v, mode)
+    return apply(jnp.where(same, within, across), acc)
 
-  def by_rows(o):
+  def by_rows(acc):
     row_LxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
+    row_LxD = lax.broadcasted_iota(jnp.int32, x.shape, 0)
 
-    def body(s, o):
-      row = pl.ds(s, 1)
+    def body(s, acc):
       e = _masked_exp(row_LxK > s, ge - _row(gi, s))
-      a_col = jnp.sum(r * k_ref[row, :].astype(f32) * e, axis=1, keepdims=True)
-      return o + a_col * v_ref[row, :].astype(f32)
+      a_col = jnp.sum(r * k_ref[pl.ds(s, 1), :].astype(f32) * e, axis=1, keepdims=True)
+      if transpose:
+        return acc + jnp.where(row_LxD == s, jnp.sum(a_col * x, axis=0, keepdims=True), 0.0)
+      return acc + a_col * x_ref[pl.ds(s, 1), :].astype(f32)
 
-    return lax.fori_loop(0, r.shape[0], body, o)
+    return lax.fori_loop(0, r.shape[0], body, acc)
 
-  return _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, o)
+  return _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, acc)
 
 
-def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
-  """The in-chunk terms of (dr, dk, dv)."""
+def _diagonal_dr_dk(cfg, refs, r, k, gi, ge, do):
+  """The in-chunk terms of (dr, dk)."""
   k_ref, v_ref = refs
   mode = _mode(cfg)
 
@@ -247,18 +253,13 @@ def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
   # over a chunk of 6 steps and padding). There their two dots split in three
   # (bf16x6, 2^-24 relative); other chunks keep bf16x3. The two-dot form
   # (decays summing past DOT_SPAN within half a chunk) always splits in three.
-  # On H200s the switch measured no faster than bf16x6 on every chunk (7.98
-  # vs 7.92 ms fwd+bwd at (8,4096,64,64), two calls, wkv6_sweep_session7_*):
-  # this kernel's time there goes to its register spill, not its MMAs.
   fine = 'bf16x6' if mode == 'bf16x3' else mode
+  da = lambda: _strictly_lower(_dot(do, v_ref[...], mode, trans_b=True))
 
   def by_dot(ref, _, dr_dk_mode):
     qe, ke = jnp.exp(ge - ref), jnp.exp(ref - gi)
-    q, kq = r * qe, k * ke
-    a = _strictly_lower(_dot(q, kq, mode, trans_b=True))
-    da = _strictly_lower(_dot(do, v, mode, trans_b=True))
-    return (qe * _dot(da, kq, dr_dk_mode), ke * _dot(da, q, dr_dk_mode, trans_a=True),
-            _dot(a, do, mode, trans_a=True))
+    q, kq, da_LxL = r * qe, k * ke, da()
+    return qe * _dot(da_LxL, kq, dr_dk_mode), ke * _dot(da_LxL, q, dr_dk_mode, trans_a=True)
 
   def by_dot_fine_when_steep(ref, x):
     steep = jnp.max(ge - gi) > STEEP  # ge - gi = -g
@@ -267,33 +268,28 @@ def _diagonal_bwd(cfg, refs, r, k, v, gi, ge, do):
 
   def by_halves(ref_LxK, _):
     (qe_w, ke_w), (qe_a, ke_a), same = _halves(gi, ge, ref_LxK)
-    q_w, kq_w, q_a, kq_a = r * qe_w, k * ke_w, r * qe_a, k * ke_a
-    a = _strictly_lower(jnp.where(same, _dot(q_w, kq_w, mode, trans_b=True), _dot(q_a, kq_a, mode, trans_b=True)))
-    da = _strictly_lower(_dot(do, v, mode, trans_b=True))
-    da_w, da_a = jnp.where(same, da, 0.0), jnp.where(same, 0.0, da)
-    dr = qe_w * _dot(da_w, kq_w, fine) + qe_a * _dot(da_a, kq_a, fine)
-    dk = ke_w * _dot(da_w, q_w, fine, trans_a=True) + ke_a * _dot(da_a, q_a, fine, trans_a=True)
-    return dr, dk, _dot(a, do, mode, trans_a=True)
+    da_LxL = da()
+    da_w, da_a = jnp.where(same, da_LxL, 0.0), jnp.where(same, 0.0, da_LxL)
+    dr = qe_w * _dot(da_w, k * ke_w, fine) + qe_a * _dot(da_a, k * ke_a, fine)
+    dk = ke_w * _dot(da_w, r * qe_w, fine, trans_a=True) + ke_a * _dot(da_a, r * qe_a, fine, trans_a=True)
+    return dr, dk
 
   def by_rows(grads):
     row_LxK = lax.broadcasted_iota(jnp.int32, r.shape, 0)
-    row_LxV = lax.broadcasted_iota(jnp.int32, do.shape, 0)
 
     def body(s, grads):
-      dr, dk, dv = grads
+      dr, dk = grads
       row = pl.ds(s, 1)
       k_s = k_ref[row, :].astype(f32)
       e = _masked_exp(row_LxK > s, ge - _row(gi, s))
       dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
-      a_col = jnp.sum(r * k_s * e, axis=1, keepdims=True)
       dr += dA_col * k_s * e
       dk += jnp.where(row_LxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
-      dv += jnp.where(row_LxV == s, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
-      return dr, dk, dv
+      return dr, dk
 
     return lax.fori_loop(0, r.shape[0], body, grads)
 
-  zeros = (jnp.zeros(r.shape, f32), jnp.zeros(k.shape, f32), jnp.zeros(do.shape, f32))
+  zeros = (jnp.zeros(r.shape, f32), jnp.zeros(k.shape, f32))
   return _by_span(cfg, gi, ge, by_dot_fine_when_steep, by_halves, by_rows, zeros)
 
 
@@ -325,12 +321,12 @@ def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chun
   sT_ref[...] = _over_chunks(cfg, n_chunks, body, s0_ref[...])
 
 
-def _out_fwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, h_ref, o_ref, *, cfg):
-  r, k, v = r_ref[...], k_ref[...], v_ref[...]  # raw for bf16x3
+def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg):
+  r, k = r_ref[...], k_ref[...]  # raw for bf16x3
   _, gi, ge, _ = _log_decays(w_ref, slice(None))
   o = _dot(r * jnp.exp(ge), h_ref[...], _mode(cfg), trans_b=True)
-  o += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v  # the current token's own term
-  o_ref[...] = _diagonal_fwd(cfg, (k_ref, v_ref), r, k, v, gi, ge, o)
+  o += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v_ref[...]  # the current token's own term
+  o_ref[...] = _diagonal(cfg, k_ref, v_ref, r, k, gi, ge, o, transpose=False).astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -350,20 +346,26 @@ def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_
   ds0_ref[...] = _over_chunks(cfg, n_chunks, body, dsT_ref[...])
 
 
-def _chunk_bwd_kernel(r_ref, k_ref, v_ref, w_ref, u_ref, do_ref, h_ref, dh_ref,
-                      dr_ref, dk_ref, dv_ref, dw_ref, du_ref, *, cfg):
+def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg):
+  """One chunk's dv: the output kernel transposed."""
+  r, k = r_ref[...], k_ref[...]
+  _, gi, ge, G = _log_decays(w_ref, slice(None))
+  dv = _dot(k * jnp.exp(G - gi), dh_ref[...], _mode(cfg), trans_b=True)  # through the chunk's end state
+  dv += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * do_ref[...]
+  dv_ref[...] = _diagonal(cfg, k_ref, do_ref, r, k, gi, ge, dv, transpose=True).astype(dv_ref.dtype)
+
+
+def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
+                     dr_ref, dk_ref, dw_ref, du_ref, *, cfg):
   L, mode = cfg.chunk, _mode(cfg)
-  r, k, v, do = r_ref[...], k_ref[...], v_ref[...], do_ref[...]  # r, k, v raw for bf16x3
+  r, k, v, do = r_ref[...], k_ref[...], v_ref[...], do_ref[...]  # raw for bf16x3
   g, gi, ge, G = _log_decays(w_ref, slice(None))
   # In-chunk terms first, then each state term is added as its gradient is
-  # stored (fewer live tiles: the kernel runs at the 255-register cap). The
-  # current token's own (bonus) terms are added last: the decay gradient
-  # below is formed from the bonus-free dr and dk.
-  dr, dk, dv = _diagonal_bwd(cfg, (k_ref, v_ref), r, k, v, gi, ge, do)
+  # stored (fewer live tiles). The current token's own (bonus) terms are added
+  # last: the decay gradient below is formed from the bonus-free dr and dk.
+  dr, dk = _diagonal_dr_dk(cfg, (k_ref, v_ref), r, k, gi, ge, do)
   u = u_ref[...]
-  do_v = jnp.sum(do * v, axis=1, keepdims=True)
-  dv += jnp.sum(r * u * k, axis=1, keepdims=True) * do
-  dv_ref[...] = (dv + _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)).astype(dv_ref.dtype)
+  do_v = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)
   dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
   dk = dk + dk_end
   dk_ref[...] = (dk + do_v * u * r).astype(dk_ref.dtype)
@@ -417,40 +419,39 @@ def _chunk_specs(cfg, K, V):
   return tile(K), tile(V), u, state
 
 
-def _out_fwd(cfg, r, k, v, w, u, h):
+def _out_or_dv(kernel, name, cfg, r, k, w, u, x, states, out_dtype):
+  """The output kernel (x = v, states = h) or dv's (x = do, states = dh): [B, T, H, V] in out_dtype."""
   B, T, H, K = r.shape
-  V = v.shape[-1]
-  tk, tv, tu, state = _chunk_specs(cfg, K, V)
+  tk, tv, tu, state = _chunk_specs(cfg, K, x.shape[-1])
   return pl.pallas_call(
-      functools.partial(_out_fwd_kernel, cfg=cfg),
+      functools.partial(kernel, cfg=cfg),
       grid=(T // cfg.chunk, B, H),
-      in_specs=[tk, tk, tv, tk, tu, state],
+      in_specs=[tk, tk, tk, tu, tv, state],
       out_specs=tv,
-      out_shape=jax.ShapeDtypeStruct((B, T, H, V), f32),
-      compiler_params=cfg.params(cfg.warps_out),
+      out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
+      compiler_params=cfg.params(cfg.warps_chunk),
       interpret=cfg.interpret,
-      name='wkv6_out_fwd',
-  )(r, k, v, w, u, h)
+      name=name,
+  )(r, k, w, u, x, states)
 
 
-def _chunk_bwd(cfg, r, k, v, w, u, do, h, dh):
-  """(dr, dk, dv, dw) in the dtypes of (r, k, v, w), and du's partial sums [B, n_chunks, H, K]."""
+def _dr_dk_dw(cfg, r, k, w, u, v, do, h, dh):
+  """(dr, dk, dw) in the dtypes of (r, k, w), and du's partial sums [B, n_chunks, H, K]."""
   B, T, H, K = r.shape
-  V = v.shape[-1]
   n_chunks = T // cfg.chunk
-  tk, tv, tu, state = _chunk_specs(cfg, K, V)
+  tk, tv, tu, state = _chunk_specs(cfg, K, v.shape[-1])
   du_part = pl.BlockSpec((None, None, 1, K), lambda n, b, h: (b, n, h, 0))
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   return pl.pallas_call(
-      functools.partial(_chunk_bwd_kernel, cfg=cfg),
+      functools.partial(_dr_dk_dw_kernel, cfg=cfg),
       grid=(n_chunks, B, H),
-      in_specs=[tk, tk, tv, tk, tu, tv, state, state],
-      out_specs=[tk, tk, tv, tk, du_part],
-      out_shape=[like(r), like(k), like(v), like(w), jax.ShapeDtypeStruct((B, n_chunks, H, K), f32)],
-      compiler_params=cfg.params(cfg.warps_bwd),
+      in_specs=[tk, tk, tk, tu, tv, tv, state, state],
+      out_specs=[tk, tk, tk, du_part],
+      out_shape=[like(r), like(k), like(w), jax.ShapeDtypeStruct((B, n_chunks, H, K), f32)],
+      compiler_params=cfg.params(cfg.warps_chunk),
       interpret=cfg.interpret,
-      name='wkv6_chunk_bwd',
-  )(r, k, v, w, u, do, h, dh)
+      name='wkv6_dr_dk_dw',
+  )(r, k, w, u, v, do, h, dh)
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -463,7 +464,7 @@ def _wkv(cfg, r, k, v, w, u, s0):
 
 def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
   h, sT = _state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), v, s0)
-  o = _out_fwd(cfg, r, k, v, w, u_Hx1xK, h)
+  o = _out_or_dv(_out_fwd_kernel, 'wkv6_out_fwd', cfg, r, k, w, u_Hx1xK, v, h, jnp.result_type(r, k, v))
   return (o, sT), (r, k, v, w, u_Hx1xK, h)
 
 
@@ -471,7 +472,8 @@ def _wkv_bwd(cfg, residuals, cotangents):
   r, k, v, w, u_Hx1xK, h = residuals
   do, dsT = cotangents
   dh, ds0 = _state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), do, dsT)
-  dr, dk, dv, dw, du_part = _chunk_bwd(cfg, r, k, v, w, u_Hx1xK, do, h, dh)
+  dv = _out_or_dv(_dv_bwd_kernel, 'wkv6_dv', cfg, r, k, w, u_Hx1xK, do, dh, v.dtype)
+  dr, dk, dw, du_part = _dr_dk_dw(cfg, r, k, w, u_Hx1xK, v, do, h, dh)
   return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0
 
 
@@ -488,10 +490,12 @@ def default_config(B, H):
 @functools.partial(jax.jit, static_argnames=('interpret', 'config'))
 def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *,
                 interpret=None, config=None):
-  """WKV-6 with Pallas kernels. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32).
+  """WKV-6 with Pallas kernels. Returns (y [B,T,H,V], final state [B,H,V,K] fp32).
 
   r, k, v, w may be bf16 or fp32 (their gradients come back in the same dtype);
-  decays, states and accumulations are fp32. `interpret` defaults to True on
+  y is bf16 when r, k and v all are (as the official CUDA kernel writes it, and
+  half the traffic of y and its cotangent), else fp32; decays, states and
+  accumulations are fp32. `interpret` defaults to True on
   CPU. `config` overrides the tiling (its `exact` and `interpret` fields are
   set here).
   """

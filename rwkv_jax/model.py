@@ -5,7 +5,9 @@ that dtype with fp32 accumulation and return that dtype, as the official bf16
 model's do (so their backward products stay in bf16 too, with no fp32 copy of a
 weight). Activations between the products are held in that dtype too, as the
 official bf16 model holds them (each norm and each residual sum is formed in
-fp32 and rounded once); the decays, the WKV state and its output are fp32.
+fp32 and rounded once); the decays and the WKV state are fp32, and the WKV
+output comes in the activations' dtype, as the official CUDA kernel writes it
+(its group norm is formed in fp32).
 
 Layers run as a Python loop over `params['blocks']`, a list of per-layer dicts,
 each block its own remat (grad_cp) unit. A `lax.scan` over weights stacked on a
@@ -121,6 +123,7 @@ def time_mix(p, x_BxTxC, shift_BxC, wkv_state, cfg: RWKVConfig, implementation):
   w = (f32(p['time_decay']) + dot(jnp.tanh(dot(xw, p['time_decay_w1'])), p['time_decay_w2'])).reshape(B, T, H, N)
   y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(p['time_faaaa']), wkv_state, implementation=implementation)
 
+  y_BxTxHxN = f32(y_BxTxHxN)
   mean = y_BxTxHxN.mean(-1, keepdims=True)
   var = jnp.square(y_BxTxHxN - mean).mean(-1, keepdims=True)
   y = ((y_BxTxHxN - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(B, T, C)

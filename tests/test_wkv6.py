@@ -63,14 +63,17 @@ def check(fn, B, T, H, K, dtype='float32', shared_s0=True, w_high=3.0, w_low=-8.
   w = rng.uniform(w_low, w_high, (B, T, H, K)).astype(np.float32)
   u = normal(H, K)
   s0 = normal(H, K, K) if shared_s0 else normal(B, H, K, K)
-  dy, dsT = normal(B, T, H, K), normal(B, H, K, K)
+  # y comes back in the inputs' dtype, and so does its cotangent.
+  dy = np.asarray(jnp.asarray(normal(B, T, H, K), dtype).astype(jnp.float32))
+  dsT = normal(B, H, K, K)
   y, sT, grads = reference_fp64(r, k, v, w, u, np.broadcast_to(s0, (B, H, K, K)), dy, dsT)
   if shared_s0:
     grads = grads[:-1] + (grads[-1].sum(0),)
 
   args = [jnp.asarray(x, dtype) for x in (r, k, v)] + [jnp.asarray(x) for x in (w, u, s0)]
   (y_out, sT_out), vjp = jax.vjp(fn, *args)
-  outs = (y_out, sT_out) + tuple(vjp((jnp.asarray(dy), jnp.asarray(dsT))))
+  assert y_out.dtype == jnp.dtype(dtype), f'y is {y_out.dtype} for {dtype} inputs'
+  outs = (y_out, sT_out) + tuple(vjp((jnp.asarray(dy, dtype), jnp.asarray(dsT))))
   errors = {name: _rel_rms(o, ref) for name, o, ref in zip(NAMES, outs, (y, sT) + grads)}
   nans = [name for name, o in zip(NAMES, outs) if not np.all(np.isfinite(np.asarray(o, np.float32)))]
   print(f'seed={seed} {dtype} B={B} T={T} H={H} K={K}: ' + ' '.join(f'{n}={e:.1e}' for n, e in errors.items()))
@@ -138,7 +141,7 @@ def test_pallas_interpret_dots(dots, chunk, w_high):
 # give 2e-3 to 3e-3 (chunk 16 or 32, dot or row forms alike); that is the
 # regime, not the form. w in [2.05, 2.35] at 32 rows and T=70 ends in a chunk
 # of 6 steep steps and padding that the one-dot form takes: the backward's
-# bf16x6 dots (see _diagonal_bwd) keep dw at 1.6e-3 to 2e-3 there, where
+# bf16x6 dots (see _diagonal_dr_dk) keep dw at 1.6e-3 to 2e-3 there, where
 # bf16x3 gave 1.1e-2 to 2e-2 (10 draws each). w up to 3 mixes all forms, and
 # 'rows' takes the row loop everywhere.
 DIAGONAL_CASES = [('auto', 32, -8.0, 1.0, 'float32'), ('auto', 32, 1.4, 1.9, 'bfloat16'),
