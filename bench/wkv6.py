@@ -137,12 +137,13 @@ def worst_error(op, B=2, T=300, H=4, K=64):
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   args = [normal(B, T, H, K).astype(jnp.bfloat16) for _ in range(3)]
   args += [jnp.asarray(rng.uniform(-8.0, 3.0, (B, T, H, K)), jnp.float32), normal(H, K), normal(H, K, K)]
-  cts = (normal(B, T, H, K), normal(B, H, K, K))
+  dy, dsT = normal(B, T, H, K).astype(jnp.bfloat16), normal(B, H, K, K)  # dy in y's dtype, bf16 here
   f32_args = [x.astype(jnp.float32) for x in args]
   reference = lambda r, k, v, w, u, s0: wkv6(r, k, v, w, u, s0, implementation='scan')
   (want, want_vjp), (got, got_vjp) = (jax.vjp(f, *a) for f, a in ((reference, f32_args), (op, args)))
+  got_grads, want_grads = got_vjp((dy.astype(got[0].dtype), dsT)), want_vjp((dy.astype(jnp.float32), dsT))
   errors = {}
-  for name, x, ref in zip(('y', 'sT', 'dr', 'dk', 'dv', 'dw', 'du', 'ds0'), got + got_vjp(cts), want + want_vjp(cts)):
+  for name, x, ref in zip(('y', 'sT', 'dr', 'dk', 'dv', 'dw', 'du', 'ds0'), got + got_grads, want + want_grads):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     errors[name] = float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2)))
   name = max(errors, key=errors.get)
