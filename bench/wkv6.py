@@ -68,7 +68,9 @@ def _jax_fns(op):
     y, sT = op(*args)
     return jnp.sum(y * cts[0]) + jnp.sum(sT * cts[1])
 
-  grad = jax.jit(jax.grad(loss))
+  # The loss value too, as a training step needs it: with gradients alone, XLA
+  # drops whatever computes y (the gradient of this linear loss does not need it).
+  grad = jax.jit(jax.value_and_grad(loss))
   return fwd, grad
 
 
