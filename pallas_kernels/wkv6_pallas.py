@@ -5,12 +5,11 @@ in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
 row/column reductions and a cumulative sum, so it can move to another lowering.
-Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28b, fwd+bwd, bf16
-inputs, one run): see that table and the README; (8,4096,64,64) is 7.05 ms
-against fla's chunk_rwkv6 13.09 in the same-call comparison of session 10
-(bench/results/wkv6_sweep_session10_*).
+Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28d, fwd+bwd with
+y, bf16 inputs, one run): see that table and the README; (8,4096,64,64) is
+8.58 ms against fla's chunk_rwkv6 13.13, 1.53x, short of the 2x aimed for.
 On Ampere and Ada the kernels compile (ptxas for sm_80/86/89: `bench/wkv6.py
---registers 80 86 89`, at most 43 KB of shared memory a program, inside an RTX
+--registers 80 86 89`, at most 25 KB of shared memory a program, inside an RTX
 3090's 99 KB) but have not been run or timed; a Mosaic GPU (wgmma) variant for
 Hopper is not built.
 
@@ -61,7 +60,9 @@ class Config:
   """Static kernel configuration (hashable: it is a custom_vjp nondiff argument).
 
   From bench/wkv6.py --sweep and same-call A/B runs (bench/results/wkv6_sweep_*).
-  fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64):
+  fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64); until session 11
+  these were timed with gradients only, which let XLA drop the output kernel
+  (1.65 ms of the 8.8 at (8,4096,64,64)):
   - 32-row chunks: 0.34 / 0.62 / 8.8 ms at 16 rows -> 0.27 / 0.60 / 7.6 at 32
     (H100, session 6: half the sequential steps and stored states).
   - The backward's two-dot form and bf16x6 dots (session 7, H200) cost ~10%
@@ -69,9 +70,18 @@ class Config:
     whose random decays are steep, from 25.7 to 15.4 ms.
   - dv in a kernel of its own and a bf16 y (session 10, H200): (8,4096,64,64)
     8.17 -> 7.05 ms, the 512x8 step's backward chunk kernels 15.9 -> 11.3 ms.
-    Slower there: programs taking 32 of the 64 channels (11.2 ms; 16: 15.6),
-    8 warps (21.4), and the output and dv computed inside the sequential
-    kernels, where the state is at hand (8.2; the step 7 ms slower).
+    Slower there: programs taking 32 of the 64 channels (11.2 ms; 16: 15.6)
+    and 8 warps (21.4). The output and dv computed inside the sequential
+    kernels, where the state is at hand, took 8.2 ms (7.8 at one state step a
+    loop iteration) with y, so ~0.5-0.9 ms less than these kernels with y at
+    this shape, but made the 1.6B 512x8 step 7 ms slower.
+  - Session 11 (H200, with y): the decay gradient's reverse cumsum as a bf16x6
+    dot, not an IEEE one: dr/dk/dw 3.51 -> 3.25 ms, (8,4096,64,64) 8.81 ->
+    8.55. Slower: storing the state only every 2 (4) chunks, each parallel
+    program advancing it over its chunks: 11.9 (14.1) ms, dr/dk/dw 3.5 -> 6.1
+    (7.6) ms; the kernels are latency-bound, not bandwidth-bound. With only the
+    one-dot in-chunk form (wrong on steep or wide-span chunks) 7.77 ms: the
+    other forms' branches cost registers (out 201 -> 138, dv 244 -> 167).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
@@ -106,7 +116,7 @@ def _split_bf16(x, parts):
 
 
 def _dot(a, b, mode, trans_a=False, trans_b=False):
-  """a @ b in fp32 by one of the modes of Config.dots (see _mode), or bf16x6 (see _diagonal_dr_dk)."""
+  """a @ b in fp32 by one of the modes of Config.dots (see _mode), or bf16x6 (see _diagonal_dr_dk, _dr_dk_dw_kernel)."""
   dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   if mode in ('bf16x3', 'bf16x6'):
     # Split into bf16 parts, keeping the products of significance above the
@@ -136,9 +146,9 @@ def _masked_exp(mask, x):
 
 
 def _tri(L, keep):
-  """An [L, L] 0/1 matrix, 1 where keep(row, col)."""
+  """An [L, L] 0/1 matrix, 1 where keep(row, col); bf16, in which it is exact."""
   rows = lax.broadcasted_iota(jnp.int32, (L, L), 0)
-  return keep(rows, lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(f32)
+  return keep(rows, lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(jnp.bfloat16)
 
 
 def _strictly_lower(a_LxL):
@@ -375,8 +385,12 @@ def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
   # Log-decay gradient: reverse cumsum of r*dr - k*dk (r part exclusive), plus
   # every row's share in the chunk's end state, d/dG = colsum(S_end * dS_end),
   # whose in-chunk part is sum_s k_s * dk_end_s; then through g = -exp(w).
+  # The reverse cumsum is a dot with a 0/1 matrix, as exact as fp32 with
+  # bf16x6 (the matrix is one bf16 part, so three MMAs): an IEEE fp32 dot,
+  # which Triton runs without tensor cores, took 0.26 ms more at (8,4096,64,64).
   dge = r * dr
-  dg = (_dot(_tri(L, lambda t, s: s >= t), dge - k * dk, 'ieee') - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
+  reverse_cumsum = _dot(_tri(L, lambda t, s: s >= t), dge - k * dk, 'ieee' if mode == 'ieee' else 'bf16x6')
+  dg = (reverse_cumsum - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
         + jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
   dw_ref[...] = (dg * g).astype(dw_ref.dtype)
 
