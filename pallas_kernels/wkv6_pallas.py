@@ -82,6 +82,13 @@ class Config:
     (7.6) ms; the kernels are latency-bound, not bandwidth-bound. With only the
     one-dot in-chunk form (wrong on steep or wide-span chunks) 7.77 ms: the
     other forms' branches cost registers (out 201 -> 138, dv 244 -> 167).
+  - Session 12 (H200, with y), all slower at (8,4096,64,64) than these
+    kernels' 8.6 ms: one in-chunk code path (passes over halving blocks, each
+    block's middle row as reference) in place of the three forms, 9.09 ms,
+    though out and dv lost 17 and 76 registers; each chunk program walking 2
+    or 4 chunks so that Triton prefetches the next, 10.1 (dr/dk/dw spills
+    more); 64-row chunks with 8 warps, 12.2 (the state kernels gain 0.6 ms,
+    the chunk kernels lose 4.3).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
