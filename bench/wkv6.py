@@ -173,44 +173,19 @@ def sweep(shape, reps, budget_s):
 
 
 def registers(shape, compute_capability=None):
-  """Registers and spills of each Pallas kernel, via triton + `ptxas -v` (no GPU needed).
-
-  Captures the Triton IR that the Pallas lowering hands to XLA (a private JAX
-  hook, diagnostics only) and compiles it again with the installed triton.
-  """
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  import triton  # pylint: disable=g-import-not-at-top
-  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
-  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
-  from triton.backends.nvidia.compiler import get_ptxas  # pylint: disable=g-import-not-at-top
-  ir = {}
-  lower = lowering.lower_jaxpr_to_triton_module
-
-  def capture(jaxpr, *args, **kwargs):
-    result = lower(jaxpr, *args, **kwargs)
-    ir[jaxpr.debug_info.func_name] = result.module.operation.get_asm(enable_debug_info=False)
-    return result
-
-  lowering.lower_jaxpr_to_triton_module = capture
+  """Registers and spills of each Pallas kernel as triton builds it for sm_<compute_capability>
+  (`ptxas -v`; needs triton, not a GPU; see pallas_kernels/triton_builds.py)."""
+  from pallas_kernels import triton_builds  # pylint: disable=g-import-not-at-top
   cfg = Config(block_v=16)
   args, _ = _inputs(*shape)
   loss = lambda *a: sum(jnp.sum(o) for o in wkv6_pallas(
       *a[:5], jnp.broadcast_to(a[5], (shape[0],) + a[5].shape), interpret=False, config=cfg))
-  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))).trace(*args).lower(lowering_platforms=('cuda',))
-  lowering.lower_jaxpr_to_triton_module = lower
+  ir = triton_builds.triton_ir(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *args)
   cc = compute_capability or int(getattr(jax.devices()[0], 'compute_capability', '9.0').replace('.', ''))
-  warps = lambda name: cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
-  tmp = pathlib.Path(tempfile.mkdtemp())
   for name, text in sorted(ir.items()):
-    (tmp / f'{name}.ttir').write_text(text)
-    kernel = triton.compile(str(tmp / f'{name}.ttir'), target=GPUTarget('cuda', cc, 32),
-                            options=dict(num_warps=warps(name), num_stages=cfg.stages))
-    (tmp / f'{name}.ptx').write_text(kernel.asm['ptx'])
-    arch = f'sm_{cc}a' if cc in (90, 100) else f'sm_{cc}'
-    log = subprocess.run([get_ptxas(cc).path, '-v', f'--gpu-name={arch}', str(tmp / f'{name}.ptx'),
-                          '-o', str(tmp / f'{name}.o')], capture_output=True, text=True, check=True).stderr
-    print(f'sm_{cc} {name} warps={warps(name)}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
+    warps = cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
+    kernel, log = triton_builds.build(name, text, cc, cc, warps, cfg.stages)
+    print(f'sm_{cc} {name} warps={warps}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
           f'shared={kernel.metadata.shared}', flush=True)
 
 

@@ -53,8 +53,10 @@ def _rel_rms(x, ref):
   return float(np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref ** 2), 1e-300)))
 
 
-def check(fn, B, T, H, K, dtype='float32', shared_s0=True, w_high=3.0, w_low=-8.0):
-  """Runs fn(r, k, v, w, u, s0) forward and backward against the fp64 reference (w over [w_low, w_high])."""
+def random_case(B, T, H, K, dtype='float32', shared_s0=True, w_high=3.0, w_low=-8.0):
+  """Fresh random inputs (w over [w_low, w_high]; r, k, v rounded to dtype), cotangents of y and
+  the final state, and the fp64 reference's outputs and gradients. Returns (seed, inputs,
+  cotangents, expected), numpy float32 arrays and (y, sT, dr, dk, dv, dw, du, ds0)."""
   seed = int(np.random.SeedSequence().entropy % 2**31)
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -69,17 +71,27 @@ def check(fn, B, T, H, K, dtype='float32', shared_s0=True, w_high=3.0, w_low=-8.
   y, sT, grads = reference_fp64(r, k, v, w, u, np.broadcast_to(s0, (B, H, K, K)), dy, dsT)
   if shared_s0:
     grads = grads[:-1] + (grads[-1].sum(0),)
+  return seed, (r, k, v, w, u, s0), (dy, dsT), (y, sT) + grads
 
-  args = [jnp.asarray(x, dtype) for x in (r, k, v)] + [jnp.asarray(x) for x in (w, u, s0)]
-  (y_out, sT_out), vjp = jax.vjp(fn, *args)
-  assert y_out.dtype == jnp.dtype(dtype), f'y is {y_out.dtype} for {dtype} inputs'
-  outs = (y_out, sT_out) + tuple(vjp((jnp.asarray(dy, dtype), jnp.asarray(dsT))))
-  errors = {name: _rel_rms(o, ref) for name, o, ref in zip(NAMES, outs, (y, sT) + grads)}
+
+def assert_close(seed, dtype, outs, expected, label=''):
+  """outs (y, sT, dr, dk, dv, dw, du, ds0) finite and within TOL[dtype] relative RMS of expected."""
+  errors = {name: _rel_rms(o, ref) for name, o, ref in zip(NAMES, outs, expected)}
   nans = [name for name, o in zip(NAMES, outs) if not np.all(np.isfinite(np.asarray(o, np.float32)))]
-  print(f'seed={seed} {dtype} B={B} T={T} H={H} K={K}: ' + ' '.join(f'{n}={e:.1e}' for n, e in errors.items()))
+  print(f'seed={seed} {dtype} {label}: ' + ' '.join(f'{n}={e:.1e}' for n, e in errors.items()))
   assert not nans, f'non-finite {nans} (seed {seed})'
   bad = {n: e for n, e in errors.items() if not e <= TOL[dtype]}
   assert not bad, f'relative RMS error above {TOL[dtype]}: {bad} (seed {seed})'
+
+
+def check(fn, B, T, H, K, dtype='float32', shared_s0=True, w_high=3.0, w_low=-8.0):
+  """Runs fn(r, k, v, w, u, s0) forward and backward against the fp64 reference (w over [w_low, w_high])."""
+  seed, inputs, (dy, dsT), expected = random_case(B, T, H, K, dtype, shared_s0, w_high, w_low)
+  args = [jnp.asarray(x, dtype) for x in inputs[:3]] + [jnp.asarray(x) for x in inputs[3:]]
+  (y_out, sT_out), vjp = jax.vjp(fn, *args)
+  assert y_out.dtype == jnp.dtype(dtype), f'y is {y_out.dtype} for {dtype} inputs'
+  outs = (y_out, sT_out) + tuple(vjp((jnp.asarray(dy, dtype), jnp.asarray(dsT))))
+  assert_close(seed, dtype, outs, expected, f'B={B} T={T} H={H} K={K}')
 
 
 def _via_api(implementation):
@@ -208,3 +220,17 @@ def test_gpu_pallas_tilings(chunk, block_v, dots):
 def test_gpu_pallas_diagonal_forms(diag, chunk, w_low, w_high, dtype):
   check(_pallas(diag=diag, chunk=chunk), B=2, T=300, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low,
         w_high=w_high)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize('sm', [80, 86, 89])
+def test_gpu_ampere_ada_builds(sm):
+  """The kernels as triton builds them for Ampere and Ada, run on this GPU with their PTX
+  assembled for it: no such card is at hand, so this is how their code path is run. (On
+  Hopper too the kernels' dots are mma.sync, not wgmma; the builds differ in the rest.)"""
+  pytest.importorskip('triton')
+  pytest.importorskip('torch')
+  from pallas_kernels.triton_builds import wkv6_built_for  # pylint: disable=g-import-not-at-top
+  seed, inputs, cotangents, expected = random_case(B=2, T=256, H=4, K=64, dtype='bfloat16', shared_s0=False)
+  assert_close(seed, 'bfloat16', wkv6_built_for(sm, *inputs, *cotangents), expected, f'sm_{sm} build')
