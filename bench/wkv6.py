@@ -183,9 +183,8 @@ def registers(shape, compute_capability=None):
   ir = triton_builds.triton_ir(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *args)
   cc = compute_capability or int(getattr(jax.devices()[0], 'compute_capability', '9.0').replace('.', ''))
   for name, text in sorted(ir.items()):
-    warps = cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
-    kernel, log = triton_builds.build(name, text, cc, cc, warps, cfg.stages)
-    print(f'sm_{cc} {name} warps={warps}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
+    kernel, log = triton_builds.build(name, text, cc, cc, cfg)
+    print(f'sm_{cc} {name} warps={kernel.metadata.num_warps}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
           f'shared={kernel.metadata.shared}', flush=True)
 
 

@@ -42,17 +42,20 @@ def triton_ir(fn, *args):
   return ir
 
 
-def build(name, ir_text, build_sm, run_sm, num_warps, num_stages):
-  """(triton CompiledKernel, `ptxas -v` log): the IR compiled for sm_<build_sm>, its PTX assembled for sm_<run_sm>."""
-  tmp = pathlib.Path(tempfile.mkdtemp())
-  (tmp / f'{name}.ttir').write_text(ir_text)
-  kernel = triton.compile(str(tmp / f'{name}.ttir'), target=GPUTarget('cuda', build_sm, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
-  (tmp / f'{name}.ptx').write_text(kernel.asm['ptx'])
-  arch = f'sm_{run_sm}a' if run_sm in (90, 100) else f'sm_{run_sm}'
-  log = subprocess.run([get_ptxas(run_sm).path, '-v', f'--gpu-name={arch}', str(tmp / f'{name}.ptx'),
-                        '-o', str(tmp / f'{name}.cubin')], capture_output=True, text=True, check=True).stderr
-  kernel.kernel = (tmp / f'{name}.cubin').read_bytes()  # the binary CompiledKernel loads at its first launch
+def build(name, ir_text, build_sm, run_sm, cfg):
+  """(triton CompiledKernel, `ptxas -v` log): kernel `name`'s IR compiled with cfg's warps and stages
+  for sm_<build_sm>, its PTX assembled for sm_<run_sm>."""
+  num_warps = cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    (tmp / f'{name}.ttir').write_text(ir_text)
+    kernel = triton.compile(str(tmp / f'{name}.ttir'), target=GPUTarget('cuda', build_sm, 32),
+                            options=dict(num_warps=num_warps, num_stages=cfg.stages))
+    (tmp / f'{name}.ptx').write_text(kernel.asm['ptx'])
+    arch = f'sm_{run_sm}a' if run_sm in (90, 100) else f'sm_{run_sm}'
+    log = subprocess.run([get_ptxas(run_sm).path, '-v', f'--gpu-name={arch}', str(tmp / f'{name}.ptx'),
+                          '-o', str(tmp / f'{name}.cubin')], capture_output=True, text=True, check=True).stderr
+    kernel.kernel = (tmp / f'{name}.cubin').read_bytes()  # the binary CompiledKernel loads at its first launch
   return kernel, log
 
 
@@ -77,10 +80,8 @@ def wkv6_built_for(build_sm, r, k, v, w, u_HxK, s0_BxHxVxK, dy, dsT):
     return out, vjp((jnp.asarray(dy, jnp.bfloat16), jnp.asarray(dsT)))
 
   run_sm = int(''.join(map(str, torch.cuda.get_device_capability())))
-  built = {}
-  for name, text in triton_ir(fwd_bwd, *bf16_args).items():
-    warps = cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
-    built[name] = build(name, text, build_sm, run_sm, warps, cfg.stages)[0]
+  built = {name: build(name, text, build_sm, run_sm, cfg)[0]
+           for name, text in triton_ir(fwd_bwd, *bf16_args).items()}
 
   cuda = lambda x, dtype=torch.float32: torch.from_numpy(np.ascontiguousarray(x, np.float32)).to('cuda', dtype)
   r, k, v, dy = (cuda(x, torch.bfloat16) for x in (r, k, v, dy))
