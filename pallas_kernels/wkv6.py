@@ -50,9 +50,9 @@ IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
 def default_implementation(T: int = 1) -> str:
   """The fastest measured implementation for this platform and sequence length.
 
-  On an H200 (bench/results/wkv6_nvidia-h200_2026-11-28d, forward+backward)
-  pallas takes 0.29 / 0.65 / 8.58 ms at (B,T,H) = (1,1024,32) / (8,512,32) /
-  (8,4096,64) against xla_chunked's 1.67 / 2.47 / 30.2 ms.
+  On an H200 (bench/results/wkv6_nvidia-h200_2026-11-28e, forward+backward)
+  pallas takes 0.27 / 0.64 / 7.74 ms at (B,T,H) = (1,1024,32) / (8,512,32) /
+  (8,4096,64) against xla_chunked's 1.85 / 2.47 / 30.2 ms.
   """
   if T == 1:
     return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it

@@ -4,13 +4,15 @@ Lowering: Pallas' Triton backend (`pltriton.CompilerParams`). It is deprecated
 in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
-row/column reductions and a cumulative sum, so it can move to another lowering.
-Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28d, fwd+bwd with
-y, bf16 inputs, one run): see that table and the README; (8,4096,64,64) is
-8.58 ms against fla's chunk_rwkv6 13.13, 1.53x, short of the 2x aimed for.
-For Ampere and Ada, triton builds them with at most 255 registers and 25 KB of
-shared memory a program, inside an RTX 3090's 99 KB (`bench/wkv6.py
---registers 80 86 89`), and those builds, their PTX assembled for an H200, pass
+row/column reductions (cumulative sums are dots), so it can move to another lowering.
+Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28e and f, fwd+bwd
+with y, bf16 inputs): see those tables and the README; (8,4096,64,64) is 7.72
+ms against fla's chunk_rwkv6 13.17 in the same run, 1.71x, short of the 2x
+aimed for.
+For Ampere and Ada, triton builds them with at most 255 registers and 20 KB of
+shared memory a program, inside an RTX 3090's 99 KB, dr/dk/dw spilling 1.9 KB
+(1.2 KB with the sums as Triton scans; for Hopper it went from 1.2 KB to 0.4)
+(`bench/wkv6.py --registers 80 86 89`), and those builds, their PTX assembled for an H200, pass
 the bf16 tolerance there (tests/test_wkv6.py::test_gpu_ampere_ada_builds); on
 Hopper too the dots are mma.sync, not wgmma. No Ampere or Ada card has run or
 timed them; a Mosaic GPU (wgmma) variant for Hopper is not built.
@@ -18,7 +20,8 @@ timed them; a Mosaic GPU (wgmma) variant for Hopper is not built.
 Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
 chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the
 chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py). Each
-kernel reads the raw w and forms g, gi, ge and G for its chunk itself.
+kernel reads the raw w and forms g, gi, ge and G for its chunk itself, the
+sums as a dot (see _sum_rows).
 
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
@@ -37,13 +40,13 @@ kernel reads the raw w and forms g, gi, ge and G for its chunk itself.
                  gradient dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
                  (bonus-free dr, dk; dG = colsum(S_end * dS_end)), dw = dg * g.
                  One kernel for all four ran at the 255-register cap with
-                 2.5 KB spilled; apart, dv takes 246 registers and spills
-                 nothing, dr/dk/dw spills 1.2 KB (ptxas, sm_90).
+                 2.5 KB spilled; apart, dv takes 255 registers and spills
+                 nothing, dr/dk/dw spills 0.4 KB (ptxas, sm_90).
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
 -inf, i.e. decay 1) and the sum of du are plain JAX. Dots run at HIGHEST (IEEE
 fp32) for fp32 inputs and as bf16x3 (see _dot) for bf16 inputs, the backward's
-in-chunk dr and dk as bf16x6 where decays are steep (see STEEP).
+in-chunk dr and dk and the cumulative sums as bf16x6 (see STEEP, _sum_rows).
 """
 import dataclasses
 import functools
@@ -91,6 +94,14 @@ class Config:
     or 4 chunks so that Triton prefetches the next, 10.1 (dr/dk/dw spills
     more); 64-row chunks with 8 warps, 12.2 (the state kernels gain 0.6 ms,
     the chunk kernels lose 4.3).
+  - Session 13 (H200, with y): the chunk-local decay sums as a bf16x6 dot with
+    a 0/1 matrix, not Triton's scan: (8,4096,64,64) 8.58 -> 7.83 ms (state
+    kernels 0.89 -> 0.61 and 0.80 -> 0.64, dr/dk/dw 3.25 -> 2.95; output and
+    dv unchanged), (8,512,32,64) 0.66 -> 0.61, (1,1024,32,64) 0.31 -> 0.27.
+    Slower: the sums formed once by XLA and loaded by every kernel, 9.95 ms
+    (XLA's cumsum alone ~1 ms; the state kernels gained as above but the
+    output kernel lost 0.64 ms), 14.4 with the rows G and the middle rows
+    loaded as [1, K] rows too (output and dv spill).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
@@ -160,6 +171,15 @@ def _tri(L, keep):
   return keep(rows, lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(jnp.bfloat16)
 
 
+def _sum_rows(x_LxK, keep, mode):
+  """Row t of the result sums the rows s of x with keep(t, s): a dot with a 0/1
+  matrix, a cumulative sum when keep is s <= t (s >= t: reverse). For bf16
+  inputs as bf16x6, as exact as fp32 (the 0/1 matrix is one bf16 part, so
+  three MMAs), which beat both Triton's scan and an IEEE fp32 dot (no tensor
+  cores in Triton) on an H200 (see Config); fp32 inputs take the IEEE dot."""
+  return _dot(_tri(x_LxK.shape[0], keep), x_LxK, 'ieee' if mode == 'ieee' else 'bf16x6')
+
+
 def _strictly_lower(a_LxL):
   row = lax.broadcasted_iota(jnp.int32, a_LxL.shape, 0)
   return jnp.where(row > lax.broadcasted_iota(jnp.int32, a_LxL.shape, 1), a_LxL, 0.0)
@@ -171,10 +191,10 @@ def _row(x_LxK, i):
   return jnp.sum(jnp.where(rows == i, x_LxK, 0.0), axis=0, keepdims=True)
 
 
-def _log_decays(w_ref, rows):
+def _log_decays(w_ref, rows, mode):
   """(g, gi, ge, G) of `rows` of a raw-decay ref: g = -exp(w) and its chunk-local sums, fp32."""
   g = -jnp.exp(w_ref[rows, :].astype(f32))
-  gi = jnp.cumsum(g, axis=0)  # a Triton scan; an IEEE fp32 dot with a 0/1 matrix was slower
+  gi = _sum_rows(g, lambda t, s: s <= t, mode)
   return g, gi, gi - g, _row(gi, g.shape[0] - 1)
 
 
@@ -333,7 +353,7 @@ def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chun
   def body(n, s_VxK):
     h_ref[n] = s_VxK
     rows = pl.ds(pl.multiple_of(n * L, L), L)
-    _, gi, _, G = _log_decays(w_ref, rows)
+    _, gi, _, G = _log_decays(w_ref, rows, mode)
     kd = k_ref[rows, :].astype(f32) * jnp.exp(G - gi)
     return s_VxK * jnp.exp(G) + _dot(v_ref[rows, :], kd, mode, trans_a=True)
 
@@ -341,9 +361,9 @@ def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chun
 
 
 def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg):
-  r, k = r_ref[...], k_ref[...]  # raw for bf16x3
-  _, gi, ge, _ = _log_decays(w_ref, slice(None))
-  o = _dot(r * jnp.exp(ge), h_ref[...], _mode(cfg), trans_b=True)
+  r, k, mode = r_ref[...], k_ref[...], _mode(cfg)  # r, k raw for bf16x3
+  _, gi, ge, _ = _log_decays(w_ref, slice(None), mode)
+  o = _dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True)
   o += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v_ref[...]  # the current token's own term
   o_ref[...] = _diagonal(cfg, k_ref, v_ref, r, k, gi, ge, o, transpose=False).astype(o_ref.dtype)
 
@@ -358,7 +378,7 @@ def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_
     n = n_chunks - 1 - i
     dh_ref[n] = ds_VxK
     rows = pl.ds(pl.multiple_of(n * L, L), L)
-    _, _, ge, G = _log_decays(w_ref, rows)
+    _, _, ge, G = _log_decays(w_ref, rows, mode)
     rq = r_ref[rows, :].astype(f32) * jnp.exp(ge)
     return ds_VxK * jnp.exp(G) + _dot(do_ref[rows, :], rq, mode, trans_a=True)
 
@@ -367,18 +387,18 @@ def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_
 
 def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg):
   """One chunk's dv: the output kernel transposed."""
-  r, k = r_ref[...], k_ref[...]
-  _, gi, ge, G = _log_decays(w_ref, slice(None))
-  dv = _dot(k * jnp.exp(G - gi), dh_ref[...], _mode(cfg), trans_b=True)  # through the chunk's end state
+  r, k, mode = r_ref[...], k_ref[...], _mode(cfg)
+  _, gi, ge, G = _log_decays(w_ref, slice(None), mode)
+  dv = _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)  # through the chunk's end state
   dv += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * do_ref[...]
   dv_ref[...] = _diagonal(cfg, k_ref, do_ref, r, k, gi, ge, dv, transpose=True).astype(dv_ref.dtype)
 
 
 def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
                      dr_ref, dk_ref, dw_ref, du_ref, *, cfg):
-  L, mode = cfg.chunk, _mode(cfg)
+  mode = _mode(cfg)
   r, k, v, do = r_ref[...], k_ref[...], v_ref[...], do_ref[...]  # raw for bf16x3
-  g, gi, ge, G = _log_decays(w_ref, slice(None))
+  g, gi, ge, G = _log_decays(w_ref, slice(None), mode)
   # In-chunk terms first, then each state term is added as its gradient is
   # stored (fewer live tiles). The current token's own (bonus) terms are added
   # last: the decay gradient below is formed from the bonus-free dr and dk.
@@ -394,11 +414,8 @@ def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
   # Log-decay gradient: reverse cumsum of r*dr - k*dk (r part exclusive), plus
   # every row's share in the chunk's end state, d/dG = colsum(S_end * dS_end),
   # whose in-chunk part is sum_s k_s * dk_end_s; then through g = -exp(w).
-  # The reverse cumsum is a dot with a 0/1 matrix, as exact as fp32 with
-  # bf16x6 (the matrix is one bf16 part, so three MMAs): an IEEE fp32 dot,
-  # which Triton runs without tensor cores, took 0.26 ms more at (8,4096,64,64).
   dge = r * dr
-  reverse_cumsum = _dot(_tri(L, lambda t, s: s >= t), dge - k * dk, 'ieee' if mode == 'ieee' else 'bf16x6')
+  reverse_cumsum = _sum_rows(dge - k * dk, lambda t, s: s >= t, mode)
   dg = (reverse_cumsum - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
         + jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
   dw_ref[...] = (dg * g).astype(dw_ref.dtype)
