@@ -133,8 +133,8 @@ def profile_step(args, trace_dir) -> list[str]:
 def profile_wkv(args, trace_dir) -> list[str]:
   shape = tuple(int(x) for x in args.wkv.split(','))
   impl = args.implementation or 'pallas'
-  fwd, grad = wkv6_bench._jax_fns(lambda *a: wkv6_bench.wkv6(*a, implementation=impl))  # pylint: disable=protected-access
-  primals, cotangents = wkv6_bench._inputs(*shape)  # pylint: disable=protected-access
+  fwd, grad = wkv6_bench.jax_fns(lambda *a: wkv6_bench.wkv6(*a, implementation=impl))
+  primals, cotangents = wkv6_bench.make_inputs(*shape)
   lines = [f'WKV-6 {impl} at (B,T,H,K) = {shape}']
   for name, fn, fn_args in (('forward', fwd, primals), ('forward+backward', grad, (primals, cotangents))):
     rows, total = profile(fn, fn_args, 10, f'{trace_dir}_{len(lines)}')

@@ -35,7 +35,7 @@ SHAPES = ((1, 1024, 32, 64), (8, 512, 32, 64), (8, 4096, 64, 64))
 SCAN_MAX_TOKENS = 8 * 512  # B * T above which the scan is skipped (too slow)
 
 
-def _inputs(B, T, H, K, seed=0):
+def make_inputs(B, T, H, K, seed=0):
   rng = np.random.default_rng(seed)
   bf16 = lambda *shape, scale=1.0: jnp.asarray(rng.standard_normal(shape) * scale, jnp.bfloat16)
   r, k, v = (bf16(B, T, H, K, scale=0.5) for _ in range(3))
@@ -61,7 +61,7 @@ def _time_jax(fn, args, reps, inner=5):
   return float(np.median(times)) * 1e3
 
 
-def _jax_fns(op):
+def jax_fns(op):
   fwd = jax.jit(op)
 
   def loss(args, cts):
@@ -75,8 +75,8 @@ def _jax_fns(op):
 
 
 def bench_jax(impl, shape, reps, op=None):
-  args, cts = _inputs(*shape)
-  fwd, grad = _jax_fns(op or functools.partial(wkv6, implementation=impl))
+  args, cts = make_inputs(*shape)
+  fwd, grad = jax_fns(op or functools.partial(wkv6, implementation=impl))
   return _time_jax(fwd, args, reps), _time_jax(lambda a, c: grad(a, c), (args, cts), reps)
 
 
@@ -85,7 +85,7 @@ def bench_fla(shape):
   import triton  # pylint: disable=g-import-not-at-top
   from fla.ops.rwkv6 import chunk_rwkv6  # pylint: disable=g-import-not-at-top
   B, T, H, K = shape
-  (r, k, v, w, u, s0), (dy, dsT) = _inputs(*shape)
+  (r, k, v, w, u, s0), (dy, dsT) = make_inputs(*shape)
   dev = 'cuda'
   t = lambda x, grad=True: torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(dev).requires_grad_(grad)
   r_t, k_t, v_t, u_t = (t(x).to(torch.bfloat16).detach().requires_grad_() for x in (r, k, v, u))
@@ -177,7 +177,7 @@ def registers(shape, compute_capability=None):
   (`ptxas -v`; needs triton, not a GPU; see pallas_kernels/triton_builds.py)."""
   from pallas_kernels import triton_builds  # pylint: disable=g-import-not-at-top
   cfg = Config(block_v=16)
-  args, _ = _inputs(*shape)
+  args, _ = make_inputs(*shape)
   loss = lambda *a: sum(jnp.sum(o) for o in wkv6_pallas(
       *a[:5], jnp.broadcast_to(a[5], (shape[0],) + a[5].shape), interpret=False, config=cfg))
   ir = triton_builds.triton_ir(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *args)
