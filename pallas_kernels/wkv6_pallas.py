@@ -12,10 +12,12 @@ aimed for.
 For Ampere and Ada, triton builds them with at most 255 registers and 20 KB of
 shared memory a program, inside an RTX 3090's 99 KB, dr/dk/dw spilling 1.9 KB
 (1.2 KB with the sums as Triton scans; for Hopper it went from 1.2 KB to 0.4)
-(`bench/wkv6.py --registers 80 86 89`), and those builds, their PTX assembled for an H200, pass
-the bf16 tolerance there (tests/test_wkv6.py::test_gpu_ampere_ada_builds); on
-Hopper too the dots are mma.sync, not wgmma. No Ampere or Ada card has run or
-timed them; a Mosaic GPU (wgmma) variant for Hopper is not built.
+(`bench/wkv6.py --registers 80 86 89`), and those builds, their PTX assembled
+for an H200, pass the bf16 tolerance there
+(tests/test_wkv6.py::test_gpu_ampere_ada_builds). On Hopper too the chunk
+kernels' dots are mma.sync (wgmma needs 64-row tiles); only the state update,
+where a program holds 64 V rows (block_v 64), is wgmma. No Ampere or Ada card
+has run or timed them; a Mosaic GPU variant for Hopper is not built.
 
 Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
 chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the

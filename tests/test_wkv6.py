@@ -227,8 +227,9 @@ def test_gpu_pallas_diagonal_forms(diag, chunk, w_low, w_high, dtype):
 @pytest.mark.parametrize('sm', [80, 86, 89])
 def test_gpu_ampere_ada_builds(sm):
   """The kernels as triton builds them for Ampere and Ada, run on this GPU with their PTX
-  assembled for it: no such card is at hand, so this is how their code path is run. (On
-  Hopper too the kernels' dots are mma.sync, not wgmma; the builds differ in the rest.)"""
+  assembled for it: no such card is at hand, so this is how their code path is run. (At
+  this B * H the Hopper build's dots are mma.sync too, wgmma needing 64-row tiles; the
+  builds differ in the rest.)"""
   pytest.importorskip('triton')
   pytest.importorskip('torch')
   from pallas_kernels.triton_builds import wkv6_built_for  # pylint: disable=g-import-not-at-top
