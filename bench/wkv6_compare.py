@@ -8,7 +8,7 @@ shape; then each one's worst error against the fp32 scan and its GPU kernel
 time per kernel at the first shape.
 
   python bench/wkv6_compare.py NAME=PATH [NAME=PATH ...] [--shapes B,T,H,K ...] [--rounds 2]
-                               [--no-fla] [--no-profile]
+                               [--reps 20] [--no-fla] [--no-profile]
 
 e.g. `python bench/wkv6_compare.py base=/tmp/old.py new=pallas_kernels/wkv6_pallas.py`.
 """
