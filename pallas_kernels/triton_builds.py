@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 
-from pallas_kernels.wkv6_pallas import default_config, wkv6_pallas
+from pallas_kernels.wkv6_pallas import chunks_per_wide_program, default_config, one_dot_chunks, wkv6_pallas
 
 
 def triton_ir(fn, *args):
@@ -83,6 +83,7 @@ def wkv6_built_for(build_sm, r, k, v, w, u_HxK, s0_BxHxVxK, dy, dsT):
   built = {name: build(name, text, build_sm, run_sm, cfg)[0]
            for name, text in triton_ir(fwd_bwd, *bf16_args).items()}
 
+  one_dot = torch.from_numpy(np.array(one_dot_chunks(cfg, jnp.asarray(w)))).to('cuda')
   cuda = lambda x, dtype=torch.float32: torch.from_numpy(np.ascontiguousarray(x, np.float32)).to('cuda', dtype)
   r, k, v, dy = (cuda(x, torch.bfloat16) for x in (r, k, v, dy))
   w, u, s0, dsT = cuda(w), cuda(u_HxK.reshape(H, 1, K)), cuda(s0_BxHxVxK), cuda(dsT)
@@ -90,10 +91,16 @@ def wkv6_built_for(build_sm, r, k, v, w, u_HxK, s0_BxHxVxK, dy, dsT):
   like_r = lambda: empty(B, T, H, K, dtype=torch.bfloat16)
   h, sT, dh, ds0 = empty(B, H, n, K, K), empty(B, H, K, K), empty(B, H, n, K, K), empty(B, H, K, K)
   y, dv, dr, dk, dw, du_part = like_r(), like_r(), like_r(), like_r(), empty(B, T, H, K), empty(B, n, H, K)
+  # Each chunk kernel is two calls: the second (_wide) takes its outputs as aliased inputs too.
   states, chunks = (B, H, K // bv), (n, B, H)
+  wide = (n // chunks_per_wide_program(cfg, n, B, H), B, H)
   built['wkv6_state_fwd'][states](k, w, v, s0, h, sT)
-  built['wkv6_out_fwd'][chunks](r, k, w, u, v, h, y)
+  built['wkv6_out_fwd'][chunks](one_dot, r, k, w, u, v, h, y)
+  built['wkv6_out_fwd_wide'][wide](one_dot, r, k, w, u, v, h, y, y)
   built['wkv6_state_bwd'][states](r, w, dy, dsT, dh, ds0)
-  built['wkv6_dv'][chunks](r, k, w, u, dy, dh, dv)
-  built['wkv6_dr_dk_dw'][chunks](r, k, w, u, v, dy, h, dh, dr, dk, dw, du_part)
+  built['wkv6_dv'][chunks](one_dot, r, k, w, u, dy, dh, dv)
+  built['wkv6_dv_wide'][wide](one_dot, r, k, w, u, dy, dh, dv, dv)
+  grads = (dr, dk, dw, du_part)
+  built['wkv6_dr_dk_dw'][chunks](one_dot, r, k, w, u, v, dy, h, dh, *grads)
+  built['wkv6_dr_dk_dw_wide'][wide](one_dot, r, k, w, u, v, dy, h, dh, *grads, *grads)
   return tuple(x.float().cpu().numpy() for x in (y, sT, dr, dk, dv, dw, du_part.sum((0, 1)), ds0))

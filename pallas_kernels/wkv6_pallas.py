@@ -5,9 +5,9 @@ in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
 row/column reductions (cumulative sums are dots), so it can move to another lowering.
-Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28e and f, fwd+bwd
-with y, bf16 inputs): see those tables and the README; (8,4096,64,64) is 7.72
-ms against fla's chunk_rwkv6 13.17 in the same run, 1.71x, short of the 2x
+Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28g and h, fwd+bwd
+with y, bf16 inputs): see those tables and the README; (8,4096,64,64) is 6.82
+ms against fla's chunk_rwkv6 12.86 in the same run, 1.89x, short of the 2x
 aimed for.
 For Ampere and Ada, triton builds them with at most 255 registers and 20 KB of
 shared memory a program, inside an RTX 3090's 99 KB, dr/dk/dw spilling 1.9 KB
@@ -28,7 +28,9 @@ sums as a dot (see _sum_rows).
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
                  S <- S * exp(G) + v^T (k * exp(G - gi))
-  output kernel (grid chunks x B x H, fully parallel): one chunk of rows,
+  output kernel (grid chunks x B x H, fully parallel, as two calls: the chunks
+                 whose in-chunk term is one dot, then the rest; see
+                 _chunk_calls, one_dot_chunks): one chunk of rows,
                  o = (r * exp(ge)) S^T + A v + (r . u . k) v, the causal
                  in-chunk A as a dot of factors split at the chunk's middle row
                  where its decay span allows (else per half), else as pairwise
@@ -42,13 +44,15 @@ sums as a dot (see _sum_rows).
                  gradient dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
                  (bonus-free dr, dk; dG = colsum(S_end * dS_end)), dw = dg * g.
                  One kernel for all four ran at the 255-register cap with
-                 2.5 KB spilled; apart, dv takes 255 registers and spills
-                 nothing, dr/dk/dw spills 0.4 KB (ptxas, sm_90).
+                 2.5 KB spilled. Apart, and each as two calls like the
+                 output's, dv's first call takes 150 registers, dr/dk/dw's
+                 255 and spills 0.2 KB (ptxas, sm_90).
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
--inf, i.e. decay 1) and the sum of du are plain JAX. Dots run at HIGHEST (IEEE
-fp32) for fp32 inputs and as bf16x3 (see _dot) for bf16 inputs, the backward's
-in-chunk dr and dk and the cumulative sums as bf16x6 (see STEEP, _sum_rows).
+-inf, i.e. decay 1), which chunks take one dot and the sum of du are plain
+JAX. Dots run at HIGHEST (IEEE fp32) for fp32 inputs and as bf16x3 (see _dot)
+for bf16 inputs, the backward's in-chunk dr and dk and the cumulative sums as
+bf16x6 (see STEEP, _sum_rows).
 """
 import dataclasses
 import functools
@@ -104,6 +108,20 @@ class Config:
     (XLA's cumsum alone ~1 ms; the state kernels gained as above but the
     output kernel lost 0.64 ms), 14.4 with the rows G and the middle rows
     loaded as [1, K] rows too (output and dv spill).
+  - Session 14 (H200, with y): each chunk kernel as two calls, the one-dot
+    chunks (all of the benchmark's) in code without the other forms, then
+    the rest (see _chunk_calls): (8,4096,64,64) 7.81 -> 7.23 ms (output 1.63
+    -> 1.43, dv 1.74 -> 1.40, dr/dk/dw 2.95 -> 2.84; the second calls 0.02
+    each), then with the chunks' forms decided by XLA (one pass over w) and
+    the first calls computing every chunk, storing only theirs: 6.82 with y
+    and the cotangents given (bench/wkv6.py as of 28g). Slower: the first
+    calls branching on the flag before their loads (~0.13 ms a kernel), the
+    forms decided in the state kernel (+0.12 ms) or by the output kernel's
+    first call (+0.17), the second calls one chunk a program (0.15 ms each
+    with nothing to do). The one dot alone, without a second call (wrong on
+    steep chunks): 6.80 ms with the loss; the output and dv computed in the
+    sequential state kernels on top of that: 6.73, but 0.31 against 0.25 ms
+    at (1,1024,32,64).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
@@ -117,6 +135,7 @@ class Config:
   exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
   dots: str = 'bf16x3'      # dots for bf16 inputs: 'bf16x3', 'tf32x3', 'tf32' or 'ieee' (see _dot)
   diag: str = 'auto'        # the in-chunk term: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
+  wide_programs: int = 2048  # fewest programs of the chunk kernels' second calls (see chunks_per_wide_program)
   interpret: bool = False
   warps_state: int = 4
   warps_chunk: int = 4      # the parallel chunk kernels (output, dv, dr/dk/dw)
@@ -239,20 +258,39 @@ def _halves(gi, ge, ref_LxK):
   return within, across, row == col
 
 
-def _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, operand):
-  """The first in-chunk form whose exponents fit DOT_SPAN: one dot, two dots (by halves), rows."""
+def _fits(gi, ge, ref):
+  """Whether the in-chunk factors exp(ge - ref) and exp(ref - gi) stay within exp(DOT_SPAN)."""
+  return jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi)) <= DOT_SPAN
+
+
+def one_dot_chunks(cfg, w_BxTxHxK):
+  """[B, H, n_chunks] int32, 1 where a chunk's in-chunk term is the one-dot form
+  (see _by_span). ge falls from 0 at the first row to G, so _fits' bounds are
+  -ref and ref - G with ref the middle row's ge: the sums of the chunk's two
+  halves. Plain JAX, one pass over w (summed in another order than the
+  kernels', well inside DOT_SPAN's margin to fp32's exp range)."""
+  B, T, H, K = w_BxTxHxK.shape
+  L = cfg.chunk
+  halves = jnp.sum(-jnp.exp(w_BxTxHxK.astype(f32)).reshape(B, T // L, 2, L // 2, H, K), axis=3)
+  fits = jnp.max(-halves, axis=(2, 4)) <= DOT_SPAN
+  return (fits & (cfg.diag == 'auto')).astype(jnp.int32).transpose(0, 2, 1)
+
+
+def _by_span(cfg, wide, gi, ge, by_dot, by_halves, by_rows, operand):
+  """The in-chunk form: one dot where the chunk's exponents fit DOT_SPAN (the
+  kernels' first call, wide=False); in the chunks where they do not (the second
+  call, wide=True) two dots (by halves) if those fit, else rows."""
+  L = gi.shape[0]
+  if not wide:
+    return by_dot(_mid(gi, 0, L), operand)
   if cfg.diag == 'rows':
     return by_rows(operand)
-  L = gi.shape[0]
-  fits = lambda ref: jnp.maximum(jnp.max(ge - ref), jnp.max(ref - gi)) <= DOT_SPAN
   top = lax.broadcasted_iota(jnp.int32, gi.shape, 0) < L // 2
   ref_LxK = jnp.where(top, _mid(gi, 0, L // 2), _mid(gi, L // 2, L // 2))
-  fallback = lambda x: lax.cond(fits(ref_LxK), functools.partial(by_halves, ref_LxK), by_rows, x)
-  ref = _mid(gi, 0, L)
-  return lax.cond(fits(ref), functools.partial(by_dot, ref), fallback, operand)
+  return lax.cond(_fits(gi, ge, ref_LxK), functools.partial(by_halves, ref_LxK), by_rows, operand)
 
 
-def _diagonal(cfg, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
+def _diagonal(cfg, wide, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
   """acc plus the causal in-chunk term: sum_{s<t} A[t,s] x_s (the output's,
   x = v), or transposed sum_{t>s} A[t,s] x_t (dv's, x = do)."""
   mode, x = _mode(cfg), x_ref[...]
@@ -280,10 +318,10 @@ def _diagonal(cfg, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
 
     return lax.fori_loop(0, r.shape[0], body, acc)
 
-  return _by_span(cfg, gi, ge, by_dot, by_halves, by_rows, acc)
+  return _by_span(cfg, wide, gi, ge, by_dot, by_halves, by_rows, acc)
 
 
-def _diagonal_dr_dk(cfg, refs, r, k, gi, ge, do):
+def _diagonal_dr_dk(cfg, wide, refs, r, k, gi, ge, do):
   """The in-chunk terms of (dr, dk)."""
   k_ref, v_ref = refs
   mode = _mode(cfg)
@@ -331,7 +369,7 @@ def _diagonal_dr_dk(cfg, refs, r, k, gi, ge, do):
     return lax.fori_loop(0, r.shape[0], body, grads)
 
   zeros = (jnp.zeros(r.shape, f32), jnp.zeros(k.shape, f32))
-  return _by_span(cfg, gi, ge, by_dot_fine_when_steep, by_halves, by_rows, zeros)
+  return _by_span(cfg, wide, gi, ge, by_dot_fine_when_steep, by_halves, by_rows, zeros)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -362,12 +400,12 @@ def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chun
   sT_ref[...] = _over_chunks(cfg, n_chunks, body, s0_ref[...])
 
 
-def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg):
+def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg, wide):
   r, k, mode = r_ref[...], k_ref[...], _mode(cfg)  # r, k raw for bf16x3
   _, gi, ge, _ = _log_decays(w_ref, slice(None), mode)
-  o = _dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True)
-  o += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v_ref[...]  # the current token's own term
-  o_ref[...] = _diagonal(cfg, k_ref, v_ref, r, k, gi, ge, o, transpose=False).astype(o_ref.dtype)
+  o = jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v_ref[...]  # the current token's own term
+  o = _diagonal(cfg, wide, k_ref, v_ref, r, k, gi, ge, o, transpose=False)
+  o_ref[...] = (o + _dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True)).astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -387,24 +425,24 @@ def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_
   ds0_ref[...] = _over_chunks(cfg, n_chunks, body, dsT_ref[...])
 
 
-def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg):
+def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg, wide):
   """One chunk's dv: the output kernel transposed."""
   r, k, mode = r_ref[...], k_ref[...], _mode(cfg)
   _, gi, ge, G = _log_decays(w_ref, slice(None), mode)
-  dv = _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)  # through the chunk's end state
-  dv += jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * do_ref[...]
-  dv_ref[...] = _diagonal(cfg, k_ref, do_ref, r, k, gi, ge, dv, transpose=True).astype(dv_ref.dtype)
+  dv = jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * do_ref[...]
+  dv = _diagonal(cfg, wide, k_ref, do_ref, r, k, gi, ge, dv, transpose=True)
+  dv_ref[...] = (dv + _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)).astype(dv_ref.dtype)  # through the chunk's end state
 
 
 def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
-                     dr_ref, dk_ref, dw_ref, du_ref, *, cfg):
+                     dr_ref, dk_ref, dw_ref, du_ref, *, cfg, wide):
   mode = _mode(cfg)
   r, k, v, do = r_ref[...], k_ref[...], v_ref[...], do_ref[...]  # raw for bf16x3
   g, gi, ge, G = _log_decays(w_ref, slice(None), mode)
   # In-chunk terms first, then each state term is added as its gradient is
   # stored (fewer live tiles). The current token's own (bonus) terms are added
   # last: the decay gradient below is formed from the bonus-free dr and dk.
-  dr, dk = _diagonal_dr_dk(cfg, (k_ref, v_ref), r, k, gi, ge, do)
+  dr, dk = _diagonal_dr_dk(cfg, wide, (k_ref, v_ref), r, k, gi, ge, do)
   u = u_ref[...]
   do_v = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)
   dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
@@ -451,49 +489,127 @@ def _state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
   )(*kv_inputs, v_input, s_in)
 
 
-def _chunk_specs(cfg, K, V):
-  """Block specs of the parallel chunk kernels (grid chunks x B x H): a chunk's rows of a
-  [B, T, H, K] (or V) array, one head's u [H, 1, K] and a chunk's state [B, H, n_chunks, V, K]."""
+class _ChunkOf:
+  """Chunk j of a ref holding several along its first axis, indexed as a kernel
+  indexes a one-chunk ref: the rows of a [rows, X] tile, or one of stacked
+  states and partial sums (rows=None). Triton lowering takes one indexer a load."""
+
+  def __init__(self, ref, j, rows):
+    self.ref, self.j, self.rows, self.dtype = ref, j, rows, ref.dtype
+
+  def _index(self, idx):
+    idx = () if idx is Ellipsis else idx if isinstance(idx, tuple) else (idx,)
+    if self.rows is None:
+      return (self.j, *idx)
+    first, *rest = idx or (slice(None),)
+    if isinstance(first, slice):
+      return (pl.ds(self.j * self.rows, self.rows), *rest)
+    return (pl.ds(self.j * self.rows + first.start, first.size), *rest)
+
+  def __getitem__(self, idx):
+    return self.ref[self._index(idx)]
+
+  def __setitem__(self, idx, value):
+    self.ref[self._index(idx)] = value
+
+
+def chunks_per_wide_program(cfg, n_chunks, B, H):
+  """Chunks a program of a kernel's second call walks. It runs only the chunks
+  whose in-chunk term is not one dot, often none, and a program that finds none
+  still costs a flag load's latency: at one chunk a program that call took 0.15
+  ms at (8,4096,64,64) on an H200, whatever it ran. Up to 8 chunks a program,
+  while there stay Config.wide_programs to spread the chunks it does run."""
+  per = 1
+  while per < 8 and n_chunks % (2 * per) == 0 and n_chunks * B * H // (2 * per) >= cfg.wide_programs:
+    per *= 2
+  return per
+
+
+class _StoredWhere:
+  """A ref whose stores happen only where `take`."""
+
+  def __init__(self, ref, take):
+    self.ref, self.take, self.dtype = ref, take, ref.dtype
+
+  def __getitem__(self, idx):
+    return self.ref[idx]
+
+  def __setitem__(self, idx, value):
+    pl.when(self.take)(lambda: self.ref.__setitem__(idx, value))
+
+
+def _chunk_calls(kernel, name, cfg, one_dot, inputs, kinds, out_shape, out_kinds):
+  """A parallel chunk kernel (grid chunks x B x H) as two calls writing the same
+  outputs. The first stores the chunks whose in-chunk term is one dot (one_dot
+  [B, H, n_chunks] is 1); it computes every chunk, so that its loads need not
+  wait for the flag's (waiting cost ~0.13 ms at (8,4096,64,64), H200). The
+  second (`name`_wide) runs the rest, several chunks a program (see
+  chunks_per_wide_program). Apart, the common one-dot code needs fewer
+  registers (output and dv: 153 and 150 against 255 on sm_90, 3 programs an SM
+  rather than 2; see Config). Inputs and outputs are of the kinds 'rows' (of a
+  [B, T, H, X] array), 'u' ([H, 1, K]), 'state' ([B, H, n_chunks, V, K]) or
+  'part' (a [B, n_chunks, H, K] partial sum)."""
+  B, T, H, _ = inputs[0].shape
   L = cfg.chunk
-  tile = lambda width: pl.BlockSpec((None, L, None, width), lambda n, b, h: (b, n, h, 0))
-  u = pl.BlockSpec((None, 1, K), lambda n, b, h: (h, 0, 0))
-  state = pl.BlockSpec((None, None, None, V, K), lambda n, b, h: (b, h, n, 0, 0))
-  return tile(K), tile(V), u, state
+  n_chunks = T // L
+  per = chunks_per_wide_program(cfg, n_chunks, B, H)
+
+  def spec(kind, shape, wide):
+    stacked = per if wide else None  # the second call's refs hold `per` states or partial sums
+    return {'rows': lambda: pl.BlockSpec((None, (per if wide else 1) * L, None, shape[-1]), lambda n, b, h: (b, n, h, 0)),
+            'u': lambda: pl.BlockSpec((None, 1, shape[-1]), lambda n, b, h: (h, 0, 0)),
+            'state': lambda: pl.BlockSpec((None, None, stacked) + shape[-2:], lambda n, b, h: (b, h, n, 0, 0)),
+            'part': lambda: pl.BlockSpec((None, stacked, 1, shape[-1]), lambda n, b, h: (b, n, h, 0))}[kind]()
+
+  def first(flag_ref, *refs):
+    take = flag_ref[0] == 1
+    kernel(*refs[:len(inputs)], *(_StoredWhere(r, take) for r in refs[len(inputs):]), cfg=cfg, wide=False)
+
+  def second(flag_ref, *refs):
+    ins, outs = refs[:len(inputs)], refs[len(inputs) + len(out_shape):]  # past the aliased outputs
+    views = lambda refs, kinds, j: [r if k == 'u' else _ChunkOf(r, j, L if k == 'rows' else None)
+                                    for r, k in zip(refs, kinds)]
+
+    def chunk(j, carry):
+      pl.when(flag_ref[j] == 0)(lambda: kernel(*views(ins, kinds, j), *views(outs, out_kinds, j), cfg=cfg, wide=True))
+      return carry
+
+    @pl.when(jnp.min(flag_ref[...]) == 0)
+    def _():
+      lax.fori_loop(0, per, chunk, 0)
+
+  def call(wide, outputs):
+    p = per if wide else 1
+    return pl.pallas_call(
+        second if wide else first,
+        grid=(n_chunks // p, B, H),
+        in_specs=[pl.BlockSpec((None, None, p), lambda n, b, h: (b, h, n))]
+                 + [spec(k, x.shape, wide) for k, x in zip(kinds + out_kinds * wide, inputs + outputs)],
+        out_specs=[spec(k, o.shape, wide) for k, o in zip(out_kinds, out_shape)],
+        out_shape=out_shape,
+        input_output_aliases={1 + len(inputs) + i: i for i in range(len(outputs))},
+        compiler_params=cfg.params(cfg.warps_chunk),
+        interpret=cfg.interpret,
+        name=name + ('_wide' if wide else ''),
+    )(one_dot, *inputs, *outputs)
+
+  return call(True, tuple(call(False, ())))
 
 
-def _out_or_dv(kernel, name, cfg, r, k, w, u, x, states, out_dtype):
+def _out_or_dv(kernel, name, cfg, one_dot, r, k, w, u, x, states, out_dtype):
   """The output kernel (x = v, states = h) or dv's (x = do, states = dh): [B, T, H, V] in out_dtype."""
-  B, T, H, K = r.shape
-  tk, tv, tu, state = _chunk_specs(cfg, K, x.shape[-1])
-  return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg),
-      grid=(T // cfg.chunk, B, H),
-      in_specs=[tk, tk, tk, tu, tv, state],
-      out_specs=tv,
-      out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
-      compiler_params=cfg.params(cfg.warps_chunk),
-      interpret=cfg.interpret,
-      name=name,
-  )(r, k, w, u, x, states)
+  return _chunk_calls(kernel, name, cfg, one_dot, (r, k, w, u, x, states), ('rows', 'rows', 'rows', 'u', 'rows', 'state'),
+                      (jax.ShapeDtypeStruct(x.shape, out_dtype),), ('rows',))[0]
 
 
-def _dr_dk_dw(cfg, r, k, w, u, v, do, h, dh):
+def _dr_dk_dw(cfg, one_dot, r, k, w, u, v, do, h, dh):
   """(dr, dk, dw) in the dtypes of (r, k, w), and du's partial sums [B, n_chunks, H, K]."""
   B, T, H, K = r.shape
-  n_chunks = T // cfg.chunk
-  tk, tv, tu, state = _chunk_specs(cfg, K, v.shape[-1])
-  du_part = pl.BlockSpec((None, None, 1, K), lambda n, b, h: (b, n, h, 0))
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-  return pl.pallas_call(
-      functools.partial(_dr_dk_dw_kernel, cfg=cfg),
-      grid=(n_chunks, B, H),
-      in_specs=[tk, tk, tk, tu, tv, tv, state, state],
-      out_specs=[tk, tk, tk, du_part],
-      out_shape=[like(r), like(k), like(w), jax.ShapeDtypeStruct((B, n_chunks, H, K), f32)],
-      compiler_params=cfg.params(cfg.warps_chunk),
-      interpret=cfg.interpret,
-      name='wkv6_dr_dk_dw',
-  )(r, k, w, u, v, do, h, dh)
+  return _chunk_calls(_dr_dk_dw_kernel, 'wkv6_dr_dk_dw', cfg, one_dot, (r, k, w, u, v, do, h, dh),
+                      ('rows', 'rows', 'rows', 'u', 'rows', 'rows', 'state', 'state'),
+                      (like(r), like(k), like(w), jax.ShapeDtypeStruct((B, T // cfg.chunk, H, K), f32)),
+                      ('rows', 'rows', 'rows', 'part'))
 
 
 # ----------------------------------------------------------------------------- custom VJP
@@ -506,16 +622,17 @@ def _wkv(cfg, r, k, v, w, u, s0):
 
 def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
   h, sT = _state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), v, s0)
-  o = _out_or_dv(_out_fwd_kernel, 'wkv6_out_fwd', cfg, r, k, w, u_Hx1xK, v, h, jnp.result_type(r, k, v))
-  return (o, sT), (r, k, v, w, u_Hx1xK, h)
+  one_dot = one_dot_chunks(cfg, w)
+  o = _out_or_dv(_out_fwd_kernel, 'wkv6_out_fwd', cfg, one_dot, r, k, w, u_Hx1xK, v, h, jnp.result_type(r, k, v))
+  return (o, sT), (r, k, v, w, u_Hx1xK, h, one_dot)
 
 
 def _wkv_bwd(cfg, residuals, cotangents):
-  r, k, v, w, u_Hx1xK, h = residuals
+  r, k, v, w, u_Hx1xK, h, one_dot = residuals
   do, dsT = cotangents
   dh, ds0 = _state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), do, dsT)
-  dv = _out_or_dv(_dv_bwd_kernel, 'wkv6_dv', cfg, r, k, w, u_Hx1xK, do, dh, v.dtype)
-  dr, dk, dw, du_part = _dr_dk_dw(cfg, r, k, w, u_Hx1xK, v, do, h, dh)
+  dv = _out_or_dv(_dv_bwd_kernel, 'wkv6_dv', cfg, one_dot, r, k, w, u_Hx1xK, do, dh, v.dtype)
+  dr, dk, dw, du_part = _dr_dk_dw(cfg, one_dot, r, k, w, u_Hx1xK, v, do, h, dh)
   return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0
 
 

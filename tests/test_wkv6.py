@@ -155,7 +155,9 @@ def test_pallas_interpret_dots(dots, chunk, w_high):
 # of 6 steep steps and padding that the one-dot form takes: the backward's
 # bf16x6 dots (see _diagonal_dr_dk) keep dw at 1.6e-3 to 2e-3 there, where
 # bf16x3 gave 1.1e-2 to 2e-2 (10 draws each). w up to 3 mixes all forms, and
-# 'rows' takes the row loop everywhere.
+# 'rows' takes the row loop everywhere. On CPU the kernels' second calls walk
+# several chunks a program (wide_programs=1; 2 or 4 chunks here), on the GPU
+# one, as at these sizes by default.
 DIAGONAL_CASES = [('auto', 32, -8.0, 1.0, 'float32'), ('auto', 32, 1.4, 1.9, 'bfloat16'),
                   ('auto', 16, 2.05, 2.65, 'bfloat16'), ('auto', 32, 2.05, 2.35, 'bfloat16'),
                   ('auto', 32, -8.0, 3.0, 'float32'), ('rows', 32, -8.0, 3.0, 'float32')]
@@ -163,7 +165,7 @@ DIAGONAL_CASES = [('auto', 32, -8.0, 1.0, 'float32'), ('auto', 32, 1.4, 1.9, 'bf
 
 @pytest.mark.parametrize('diag,chunk,w_low,w_high,dtype', DIAGONAL_CASES)
 def test_pallas_interpret_diagonal_forms(diag, chunk, w_low, w_high, dtype):
-  check(_pallas(diag=diag, chunk=chunk), B=2, T=70, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low,
+  check(_pallas(diag=diag, chunk=chunk, wide_programs=1), B=2, T=70, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low,
         w_high=w_high)
 
 
