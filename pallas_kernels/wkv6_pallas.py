@@ -117,11 +117,11 @@ class Config:
     and the cotangents given (bench/wkv6.py as of 28g). Slower: the first
     calls branching on the flag before their loads (~0.13 ms a kernel), the
     forms decided in the state kernel (+0.12 ms) or by the output kernel's
-    first call (+0.17), the second calls one chunk a program (0.15 ms each
+    first call (+0.16), the second calls one chunk a program (0.15 ms each
     with nothing to do). The one dot alone, without a second call (wrong on
-    steep chunks): 6.80 ms with the loss; the output and dv computed in the
-    sequential state kernels on top of that: 6.73, but 0.31 against 0.25 ms
-    at (1,1024,32,64).
+    steep chunks): 6.80 ms with the loss; the output computed in the
+    sequential forward state kernel on top of that: 6.73, but 0.31 against
+    0.25 ms at (1,1024,32,64).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
