@@ -431,7 +431,8 @@ def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg, w
   _, gi, ge, G = _log_decays(w_ref, slice(None), mode)
   dv = jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * do_ref[...]
   dv = _diagonal(cfg, wide, k_ref, do_ref, r, k, gi, ge, dv, transpose=True)
-  dv_ref[...] = (dv + _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)).astype(dv_ref.dtype)  # through the chunk's end state
+  dv += _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)  # through the chunk's end state
+  dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
@@ -526,13 +527,10 @@ def chunks_per_wide_program(cfg, n_chunks, B, H):
 
 
 class _StoredWhere:
-  """A ref whose stores happen only where `take`."""
+  """An output ref whose stores happen only where `take` (the kernels never read their outputs)."""
 
   def __init__(self, ref, take):
     self.ref, self.take, self.dtype = ref, take, ref.dtype
-
-  def __getitem__(self, idx):
-    return self.ref[idx]
 
   def __setitem__(self, idx, value):
     pl.when(self.take)(lambda: self.ref.__setitem__(idx, value))

@@ -165,8 +165,8 @@ DIAGONAL_CASES = [('auto', 32, -8.0, 1.0, 'float32'), ('auto', 32, 1.4, 1.9, 'bf
 
 @pytest.mark.parametrize('diag,chunk,w_low,w_high,dtype', DIAGONAL_CASES)
 def test_pallas_interpret_diagonal_forms(diag, chunk, w_low, w_high, dtype):
-  check(_pallas(diag=diag, chunk=chunk, wide_programs=1), B=2, T=70, H=2, K=64, dtype=dtype, shared_s0=False, w_low=w_low,
-        w_high=w_high)
+  check(_pallas(diag=diag, chunk=chunk, wide_programs=1), B=2, T=70, H=2, K=64, dtype=dtype, shared_s0=False,
+        w_low=w_low, w_high=w_high)
 
 
 def test_implementations_listed():
