@@ -89,7 +89,8 @@ def wkv6_built_for(build_sm, r, k, v, w, u_HxK, s0_BxHxVxK, dy, dsT):
   w, u, s0, dsT = cuda(w), cuda(u_HxK.reshape(H, 1, K)), cuda(s0_BxHxVxK), cuda(dsT)
   empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device='cuda', dtype=dtype)
   like_r = lambda: empty(B, T, H, K, dtype=torch.bfloat16)
-  h, sT, dh, ds0 = empty(B, H, n, K, K), empty(B, H, K, K), empty(B, H, n, K, K), empty(B, H, K, K)
+  state_copies = lambda: empty(B, H, n, K, K, dtype=torch.bfloat16)  # the chunk kernels' copies, bf16 for bf16 inputs
+  h, sT, dh, ds0 = state_copies(), empty(B, H, K, K), state_copies(), empty(B, H, K, K)
   y, dv, dr, dk, dw, du_part = like_r(), like_r(), like_r(), like_r(), empty(B, T, H, K), empty(B, n, H, K)
   # Each chunk kernel is two calls: the second (_wide) takes its outputs as aliased inputs too.
   states, chunks = (B, H, K // bv), (n, B, H)

@@ -5,13 +5,13 @@ in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
 row/column reductions (cumulative sums are dots), so it can move to another lowering.
-Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28g and h, fwd+bwd
-with y, bf16 inputs): see those tables and the README; (8,4096,64,64) is 6.82
-ms against fla's chunk_rwkv6 12.86 in the same run, 1.89x, short of the 2x
-aimed for.
+Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28i, fwd+bwd
+with y, bf16 inputs): 0.23 / 0.51 / 6.29 ms at (1,1024,32,64) / (8,512,32,64) /
+(8,4096,64,64) against fla's chunk_rwkv6 2.63 / 2.08 / 12.91 in the same run,
+11.5x / 4.1x / 2.05x.
 For Ampere and Ada, triton builds them with at most 255 registers and 20 KB of
-shared memory a program, inside an RTX 3090's 99 KB, dr/dk/dw spilling 1.9 KB
-(1.2 KB with the sums as Triton scans; for Hopper it went from 1.2 KB to 0.4)
+shared memory a program, inside an RTX 3090's 99 KB, dr/dk/dw spilling 0.1 KB
+(1.9 KB before the state copies became bf16)
 (`bench/wkv6.py --registers 80 86 89`), and those builds, their PTX assembled
 for an H200, pass the bf16 tolerance there
 (tests/test_wkv6.py::test_gpu_ampere_ada_builds). On Hopper too the chunk
@@ -28,6 +28,11 @@ sums as a dot (see _sum_rows).
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
                  S <- S * exp(G) + v^T (k * exp(G - gi))
+                 The state is carried and returned in fp32; the copies it
+                 stores for the chunk kernels are bf16 when the inputs are
+                 (fp32 when r, k and v all are), as fla stores them. Each copy
+                 is rounded once and feeds one chunk's dots, never the
+                 recurrence, so the rounding does not build up along T.
   output kernel (grid chunks x B x H, fully parallel, as two calls: the chunks
                  whose in-chunk term is one dot, then the rest; see
                  _chunk_calls, one_dot_chunks): one chunk of rows,
@@ -45,8 +50,8 @@ sums as a dot (see _sum_rows).
                  (bonus-free dr, dk; dG = colsum(S_end * dS_end)), dw = dg * g.
                  One kernel for all four ran at the 255-register cap with
                  2.5 KB spilled. Apart, and each as two calls like the
-                 output's, dv's first call takes 150 registers, dr/dk/dw's
-                 255 and spills 0.2 KB (ptxas, sm_90).
+                 output's, dv's first call takes 142 registers, dr/dk/dw's
+                 255 and spills 4 bytes (ptxas, sm_90).
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
 -inf, i.e. decay 1), which chunks take one dot and the sum of du are plain
@@ -122,6 +127,20 @@ class Config:
     steep chunks): 6.80 ms with the loss; the output computed in the
     sequential forward state kernel on top of that: 6.73, but 0.31 against
     0.25 ms at (1,1024,32,64).
+  - Session 15 (H200, fwd+bwd with y, cotangents given): the state copies the
+    chunk kernels read stored as bf16 for bf16 inputs, not fp32: (8,4096,64,64)
+    6.83 -> 6.17 ms (dr/dk/dw 2.69 -> 2.44, dv 1.43 -> 1.26, output 1.26 ->
+    1.13, state kernels 0.60 -> 0.56 and 0.64 -> 0.60; registers of output
+    and dv 153 -> 137 and 150 -> 142), (8,512,32,64) 0.55 -> 0.51,
+    (1,1024,32,64) 0.26 -> 0.23. Errors against the fp32 scan (bf16 inputs,
+    w over [-8, 3], fp32 w): y, dr, dk, dv unchanged at 1.7e-3 (their bf16
+    rounding), dw 8e-6 -> 6.6e-4 (1.1e-3 for w over [-6, -1]). Slower with
+    them: dr/dk/dw with 8 warps, 7.99 ms (176 registers, one program an SM);
+    output and dv with 8 warps, 6.87; block_v 32 at this shape, 6.63 (the
+    state kernels 0.56 -> 0.72, 0.60 -> 0.81); one state step a loop
+    iteration, 6.36. The copies as bf16 hi and lo parts (the bytes of fp32,
+    what bf16x3 splits them into) needed more registers (dr/dk/dw spilling
+    0.4 KB).
   - Two state steps a loop iteration, block_v per default_config: within 5%
     either way of one step and the other tilings; 8 warps were slower.
   - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
@@ -163,7 +182,7 @@ def _dot(a, b, mode, trans_a=False, trans_b=False):
     # Split into bf16 parts, keeping the products of significance above the
     # parts' precision: bf16x3 is (a_hi + a_lo)(b_hi + b_lo) less a_lo * b_lo,
     # ~2^-16 relative error from bf16 MMAs; bf16x6 splits in three, ~2^-24.
-    # A bf16 operand (raw r, k, v) is one part, which halves the products.
+    # A bf16 operand (raw r, k, v, a stored state) is one part, which halves the products.
     n = 2 if mode == 'bf16x3' else 3
     parts = [(x, y) for i, x in enumerate(_split_bf16(a, n)) for j, y in enumerate(_split_bf16(b, n)) if i + j < n]
     return sum(lax.dot_general(x, y, dims, preferred_element_type=f32) for x, y in parts)
@@ -391,7 +410,7 @@ def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chun
   L, mode = cfg.chunk, _mode(cfg)
 
   def body(n, s_VxK):
-    h_ref[n] = s_VxK
+    h_ref[n] = s_VxK.astype(h_ref.dtype)
     rows = pl.ds(pl.multiple_of(n * L, L), L)
     _, gi, _, G = _log_decays(w_ref, rows, mode)
     kd = k_ref[rows, :].astype(f32) * jnp.exp(G - gi)
@@ -416,7 +435,7 @@ def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_
 
   def body(i, ds_VxK):
     n = n_chunks - 1 - i
-    dh_ref[n] = ds_VxK
+    dh_ref[n] = ds_VxK.astype(dh_ref.dtype)
     rows = pl.ds(pl.multiple_of(n * L, L), L)
     _, _, ge, G = _log_decays(w_ref, rows, mode)
     rq = r_ref[rows, :].astype(f32) * jnp.exp(ge)
@@ -458,7 +477,7 @@ def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
   dge = r * dr
   reverse_cumsum = _sum_rows(dge - k * dk, lambda t, s: s >= t, mode)
   dg = (reverse_cumsum - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
-        + jnp.exp(G) * jnp.sum(h_ref[...] * dh_ref[...], axis=0, keepdims=True))
+        + jnp.exp(G) * jnp.sum(h_ref[...].astype(f32) * dh_ref[...].astype(f32), axis=0, keepdims=True))
   dw_ref[...] = (dg * g).astype(dw_ref.dtype)
 
 
@@ -468,7 +487,8 @@ def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
 def _state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
   """The sequential state kernels: grid B x H x V-tiles over [B, T, H, K] inputs
   (one [B, T, H, V] input tiled along V) and a start state [B, H, V, K]. Returns
-  (the state at each chunk boundary [B, H, n_chunks, V, K], the last state)."""
+  (the state at each chunk boundary [B, H, n_chunks, V, K], bf16 unless cfg.exact,
+  the last state, fp32)."""
   B, T, H, K = kv_inputs[0].shape
   V = v_input.shape[-1]
   bv = min(cfg.block_v, V)
@@ -482,7 +502,7 @@ def _state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
       grid=(B, H, V // bv),
       in_specs=[full] * len(kv_inputs) + [vtile, state],
       out_specs=[states, state],
-      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32),
+      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32 if cfg.exact else jnp.bfloat16),
                  jax.ShapeDtypeStruct((B, H, V, K), f32)],
       compiler_params=cfg.params(cfg.warps_state),
       interpret=cfg.interpret,
@@ -543,7 +563,7 @@ def _chunk_calls(kernel, name, cfg, one_dot, inputs, kinds, out_shape, out_kinds
   wait for the flag's (waiting cost ~0.13 ms at (8,4096,64,64), H200). The
   second (`name`_wide) runs the rest, several chunks a program (see
   chunks_per_wide_program). Apart, the common one-dot code needs fewer
-  registers (output and dv: 153 and 150 against 255 on sm_90, 3 programs an SM
+  registers (output and dv: 137 and 142 against 255 on sm_90, 3 programs an SM
   rather than 2; see Config). Inputs and outputs are of the kinds 'rows' (of a
   [B, T, H, X] array), 'u' ([H, 1, K]), 'state' ([B, H, n_chunks, V, K]) or
   'part' (a [B, n_chunks, H, K] partial sum)."""
@@ -651,8 +671,9 @@ def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *
 
   r, k, v, w may be bf16 or fp32 (their gradients come back in the same dtype);
   y is bf16 when r, k and v all are (as the official CUDA kernel writes it, and
-  half the traffic of y and its cotangent), else fp32; decays, states and
-  accumulations are fp32. `interpret` defaults to True on
+  half the traffic of y and its cotangent), else fp32; decays, the carried
+  state and accumulations are fp32 (the chunk kernels' copies of the state
+  are bf16 for bf16 inputs; see the module docstring). `interpret` defaults to True on
   CPU. `config` overrides the tiling (its `exact` and `interpret` fields are
   set here).
   """
