@@ -673,9 +673,9 @@ def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *
   y is bf16 when r, k and v all are (as the official CUDA kernel writes it, and
   half the traffic of y and its cotangent), else fp32; decays, the carried
   state and accumulations are fp32 (the chunk kernels' copies of the state
-  are bf16 for bf16 inputs; see the module docstring). `interpret` defaults to True on
-  CPU. `config` overrides the tiling (its `exact` and `interpret` fields are
-  set here).
+  are bf16 for bf16 inputs; see the module docstring). `interpret` defaults
+  to True on CPU. `config` overrides the tiling (its `exact` and `interpret`
+  fields are set here).
   """
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
