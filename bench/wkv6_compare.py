@@ -1,11 +1,12 @@
 """Times versions of pallas_kernels/wkv6_pallas.py against each other in one process, on one GPU.
 
-How kernel changes are judged (bench/results/wkv6_sweep_session*.txt): each
-version is a copy of the file (e.g. `git show REV:pallas_kernels/wkv6_pallas.py
-> /tmp/old.py`), all timed fwd+bwd with y on bench/wkv6.py's inputs, in
-interleaved rounds so that the card's drift hits them alike, with fla once per
-shape; then each one's worst error against the fp32 scan and its GPU kernel
-time per kernel at the first shape.
+How kernel changes are judged: each version is a copy of the file (e.g. `git
+show REV:pallas_kernels/wkv6_pallas.py > /tmp/old.py`), all timed fwd+bwd with
+y on bench/wkv6.py's inputs, in interleaved rounds so that the card's drift hits
+them alike, with fla once per shape; then each one's worst error against the
+fp32 scan and its GPU kernel time per kernel at the first shape. Every copy
+imports pallas_kernels.common from the working tree: to compare a change there,
+copy a version's common.py too and point its import at the copy.
 
   python bench/wkv6_compare.py NAME=PATH [NAME=PATH ...] [--shapes B,T,H,K ...] [--rounds 2]
                                [--reps 20] [--no-fla] [--no-profile]

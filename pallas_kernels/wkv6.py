@@ -13,8 +13,8 @@ Implementations (`implementation=`):
   'scan'         the fp32 `lax.scan` reference below; slow, for checking.
   'xla_chunked'  chunked form in plain XLA ops with a hand-written VJP
                  (wkv6_chunked.py). The default off GPU (CPU, TPU) and a
-                 fallback on any GPU; ~4x (T=512) to ~7x (T=128) faster than
-                 the scan for forward+backward on CPU.
+                 fallback on any GPU; several times faster than the scan for
+                 forward+backward on CPU.
   'pallas'       chunked Pallas GPU kernels with a custom VJP (wkv6_pallas.py);
                  the GPU default. Runs in interpret mode on CPU (tests only).
 """
@@ -48,11 +48,10 @@ IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
 
 
 def default_implementation(T: int = 1) -> str:
-  """The fastest measured implementation for this platform and sequence length.
+  """The fastest implementation for this platform and sequence length.
 
-  On an H200 (bench/results/wkv6_nvidia-h200_2026-11-28e, forward+backward)
-  pallas takes 0.27 / 0.64 / 7.74 ms at (B,T,H) = (1,1024,32) / (8,512,32) /
-  (8,4096,64) against xla_chunked's 1.85 / 2.47 / 30.2 ms.
+  On GPUs the Pallas kernels beat xla_chunked several times over at every
+  measured shape (bench/wkv6.py; the numbers: docs/performance.md).
   """
   if T == 1:
     return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it

@@ -19,13 +19,13 @@ formed directly. Padding steps (k = v = r = 0, g = 0, i.e. decay 1) leave the
 state untouched, so any T works. Masked exponents are -inf, never a large
 positive number hidden by a select.
 
-The backward pass is written out (a custom VJP: 1.1-1.8x faster than autodiff
-on CPU, and only the inputs and the chunk start states are kept for it, not the
+The backward pass is written out (a custom VJP, faster than autodiff on CPU,
+and keeping only the inputs and the chunk start states for it, not the
 [C, C, K] pairwise blocks): a reverse elementwise scan gives each chunk's
-end-state gradient dS,
-the per-chunk gradients follow from the same factorisation, and the log-decay
-gradient from dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + colsum(S_end dS)
-within the chunk (bonus-free dr, dk).
+end-state gradient dS, the per-chunk gradients follow from the same
+factorisation, and the log-decay gradient from
+dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + colsum(S_end dS) within the
+chunk (bonus-free dr, dk).
 """
 import functools
 

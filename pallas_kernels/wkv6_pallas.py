@@ -1,29 +1,24 @@
 """RWKV-6 WKV as chunked Pallas GPU kernels (Triton lowering), forward and backward.
 
-Lowering: Pallas' Triton backend (`pltriton.CompilerParams`). It is deprecated
+Lowering: Pallas' Triton backend (see common.KernelConfig.params). It is deprecated
 in JAX 0.11 but it is the Pallas GPU path that runs on Ampere and Ada (RTX
 3090/4090, A100) as well as Hopper, where most state tuning happens; Mosaic GPU
 is Hopper-and-newer. The chunk math below uses only 2-D dots, elementwise ops,
 row/column reductions (cumulative sums are dots), so it can move to another lowering.
-Measured on an H200 (bench/results/wkv6_nvidia-h200_2026-11-28i, fwd+bwd
-with y, bf16 inputs): 0.23 / 0.51 / 6.29 ms at (1,1024,32,64) / (8,512,32,64) /
-(8,4096,64,64) against fla's chunk_rwkv6 2.63 / 2.08 / 12.91 in the same run,
-11.5x / 4.1x / 2.05x.
-For Ampere and Ada, triton builds them with at most 255 registers and 20 KB of
-shared memory a program, inside an RTX 3090's 99 KB, dr/dk/dw spilling 0.1 KB
-(1.9 KB before the state copies became bf16)
-(`bench/wkv6.py --registers 80 86 89`), and those builds, their PTX assembled
-for an H200, pass the bf16 tolerance there
-(tests/test_wkv6.py::test_gpu_ampere_ada_builds). On Hopper too the chunk
-kernels' dots are mma.sync (wgmma needs 64-row tiles); only the state update,
-where a program holds 64 V rows (block_v 64), is wgmma. No Ampere or Ada card
-has run or timed them; a Mosaic GPU variant for Hopper is not built.
+The kernels fit Ampere and Ada's limits (255 registers and an RTX 3090's 99 KB
+of shared memory a program): `bench/wkv6.py --registers 80 86 89` shows what
+triton builds for them, and tests/test_wkv6.py::test_gpu_ampere_ada_builds runs
+those builds on the GPU at hand; no Ampere or Ada card has run them. On Hopper
+too the chunk kernels' dots are mma.sync (wgmma needs 64-row tiles); only the
+state update, where a program holds 64 V rows (block_v 64), is wgmma; a Mosaic
+GPU variant for Hopper is not built. Timings against fla's chunk_rwkv6 and the
+variants tried: docs/performance.md.
 
 Algorithm (per head, state S value-major [V, K], log decay g = -exp(w) <= 0,
 chunk-local cumulative sums gi (inclusive) and ge = gi - g (exclusive), G the
 chunk total; every exponent evaluated is <= 0, see wkv6_chunked.py). Each
 kernel reads the raw w and forms g, gi, ge and G for its chunk itself, the
-sums as a dot (see _sum_rows).
+sums as a dot (see sum_rows).
 
   state kernel  (grid B x H x V-tiles, sequential over chunks, state in
                  registers): stores each chunk's start state and the final one.
@@ -48,16 +43,14 @@ sums as a dot (see _sum_rows).
                  and dr, dk, dw with per-chunk sums of du, from the log-decay
                  gradient dg_m = sum_{t>m} r_t dr_t - sum_{t>=m} k_t dk_t + dG
                  (bonus-free dr, dk; dG = colsum(S_end * dS_end)), dw = dg * g.
-                 One kernel for all four ran at the 255-register cap with
-                 2.5 KB spilled. Apart, and each as two calls like the
-                 output's, dv's first call takes 142 registers, dr/dk/dw's
-                 255 and spills 4 bytes (ptxas, sm_90).
+                 dv is a kernel of its own because one kernel for all four
+                 needs more than the 255 registers a thread has and spills.
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
 -inf, i.e. decay 1), which chunks take one dot and the sum of du are plain
-JAX. Dots run at HIGHEST (IEEE fp32) for fp32 inputs and as bf16x3 (see _dot)
+JAX. Dots run at HIGHEST (IEEE fp32) for fp32 inputs and as bf16x3 (see common.dot)
 for bf16 inputs, the backward's in-chunk dr and dk and the cumulative sums as
-bf16x6 (see STEEP, _sum_rows).
+bf16x6 (see STEEP, sum_rows).
 """
 import dataclasses
 import functools
@@ -66,176 +59,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import (KernelConfig, dot, dot_mode, masked_exp, over_chunks, row, state_call,
+                                   strictly_lower, sum_rows)
 
 f32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """Static kernel configuration (hashable: it is a custom_vjp nondiff argument).
+class Config(KernelConfig):
+  """WKV-6 kernel configuration: KernelConfig's tiling and dots, plus how the in-chunk term is formed.
 
-  From bench/wkv6.py --sweep and same-call A/B runs (bench/results/wkv6_sweep_*).
-  fwd+bwd at (1,1024,32,64) / (8,512,32,64) / (8,4096,64,64); until session 11
-  these were timed with gradients only, which let XLA drop the output kernel
-  (1.65 ms of the 8.8 at (8,4096,64,64)):
-  - 32-row chunks: 0.34 / 0.62 / 8.8 ms at 16 rows -> 0.27 / 0.60 / 7.6 at 32
-    (H100, session 6: half the sequential steps and stored states).
-  - The backward's two-dot form and bf16x6 dots (session 7, H200) cost ~10%
-    on non-steep inputs and cut the 1.6B 512x8 step's backward chunk kernel,
-    whose random decays are steep, from 25.7 to 15.4 ms.
-  - dv in a kernel of its own and a bf16 y (session 10, H200): (8,4096,64,64)
-    8.17 -> 7.05 ms, the 512x8 step's backward chunk kernels 15.9 -> 11.3 ms.
-    Slower there: programs taking 32 of the 64 channels (11.2 ms; 16: 15.6)
-    and 8 warps (21.4). The output and dv computed inside the sequential
-    kernels, where the state is at hand, took 8.2 ms (7.8 at one state step a
-    loop iteration) with y, so ~0.5-0.9 ms less than these kernels with y at
-    this shape, but made the 1.6B 512x8 step 7 ms slower.
-  - Session 11 (H200, with y): the decay gradient's reverse cumsum as a bf16x6
-    dot, not an IEEE one: dr/dk/dw 3.51 -> 3.25 ms, (8,4096,64,64) 8.81 ->
-    8.55. Slower: storing the state only every 2 (4) chunks, each parallel
-    program advancing it over its chunks: 11.9 (14.1) ms, dr/dk/dw 3.5 -> 6.1
-    (7.6) ms; the kernels are latency-bound, not bandwidth-bound. With only the
-    one-dot in-chunk form (wrong on steep or wide-span chunks) 7.77 ms: the
-    other forms' branches cost registers (out 201 -> 138, dv 244 -> 167).
-  - Session 12 (H200, with y), all slower at (8,4096,64,64) than these
-    kernels' 8.6 ms: one in-chunk code path (passes over halving blocks, each
-    block's middle row as reference) in place of the three forms, 9.09 ms,
-    though out and dv lost 17 and 76 registers; each chunk program walking 2
-    or 4 chunks so that Triton prefetches the next, 10.1 (dr/dk/dw spills
-    more); 64-row chunks with 8 warps, 12.2 (the state kernels gain 0.6 ms,
-    the chunk kernels lose 4.3).
-  - Session 13 (H200, with y): the chunk-local decay sums as a bf16x6 dot with
-    a 0/1 matrix, not Triton's scan: (8,4096,64,64) 8.58 -> 7.83 ms (state
-    kernels 0.89 -> 0.61 and 0.80 -> 0.64, dr/dk/dw 3.25 -> 2.95; output and
-    dv unchanged), (8,512,32,64) 0.66 -> 0.61, (1,1024,32,64) 0.31 -> 0.27.
-    Slower: the sums formed once by XLA and loaded by every kernel, 9.95 ms
-    (XLA's cumsum alone ~1 ms; the state kernels gained as above but the
-    output kernel lost 0.64 ms), 14.4 with the rows G and the middle rows
-    loaded as [1, K] rows too (output and dv spill).
-  - Session 14 (H200, with y): each chunk kernel as two calls, the one-dot
-    chunks (all of the benchmark's) in code without the other forms, then
-    the rest (see _chunk_calls): (8,4096,64,64) 7.81 -> 7.23 ms (output 1.63
-    -> 1.43, dv 1.74 -> 1.40, dr/dk/dw 2.95 -> 2.84; the second calls 0.02
-    each), then with the chunks' forms decided by XLA (one pass over w) and
-    the first calls computing every chunk, storing only theirs: 6.82 with y
-    and the cotangents given (bench/wkv6.py as of 28g). Slower: the first
-    calls branching on the flag before their loads (~0.13 ms a kernel), the
-    forms decided in the state kernel (+0.12 ms) or by the output kernel's
-    first call (+0.16), the second calls one chunk a program (0.15 ms each
-    with nothing to do). The one dot alone, without a second call (wrong on
-    steep chunks): 6.80 ms with the loss; the output computed in the
-    sequential forward state kernel on top of that: 6.73, but 0.31 against
-    0.25 ms at (1,1024,32,64).
-  - Session 15 (H200, fwd+bwd with y, cotangents given): the state copies the
-    chunk kernels read stored as bf16 for bf16 inputs, not fp32: (8,4096,64,64)
-    6.83 -> 6.17 ms (dr/dk/dw 2.69 -> 2.44, dv 1.43 -> 1.26, output 1.26 ->
-    1.13, state kernels 0.60 -> 0.56 and 0.64 -> 0.60; registers of output
-    and dv 153 -> 137 and 150 -> 142), (8,512,32,64) 0.55 -> 0.51,
-    (1,1024,32,64) 0.26 -> 0.23. Errors against the fp32 scan (bf16 inputs,
-    w over [-8, 3], fp32 w): y, dr, dk, dv unchanged at 1.7e-3 (their bf16
-    rounding), dw 8e-6 -> 6.6e-4 (1.1e-3 for w over [-6, -1]). Slower with
-    them: dr/dk/dw with 8 warps, 7.99 ms (176 registers, one program an SM);
-    output and dv with 8 warps, 6.87; block_v 32 at this shape, 6.63 (the
-    state kernels 0.56 -> 0.72, 0.60 -> 0.81); one state step a loop
-    iteration, 6.36. The copies as bf16 hi and lo parts (the bytes of fp32,
-    what bf16x3 splits them into) needed more registers (dr/dk/dw spilling
-    0.4 KB).
-  - Two state steps a loop iteration, block_v per default_config: within 5%
-    either way of one step and the other tilings; 8 warps were slower.
-  - bf16x3 dots against 3xTF32: 0.50 / 1.54 against 0.82 / 2.80 ms (an older
-    kernel), the worst error still the bf16 rounding of dv, 1.7e-3. Plain TF32
-    is ~5% faster but puts the decay gradient at 4e-3 to 1.2e-2 relative RMS,
-    over the 5e-3 bound for bf16 inputs.
+  The defaults (with default_config's block_v) are the fastest that bench/wkv6.py --sweep
+  found on Hopper within the error bounds of tests/test_wkv6.py.
   """
-  chunk: int = 32           # rows of a parallel program and of a state step (Triton dots need >= 16)
-  block_v: int = 32         # V-tile of the sequential state kernels (more tiles, more programs)
-  state_steps: int = 2      # chunks per loop iteration of the state kernels (T is padded to a multiple)
-  exact: bool = True        # fp32 inputs: IEEE fp32 dots (set from the input dtypes)
-  dots: str = 'bf16x3'      # dots for bf16 inputs: 'bf16x3', 'tf32x3', 'tf32' or 'ieee' (see _dot)
   diag: str = 'auto'        # the in-chunk term: 'auto' (one dot where the decay span allows, see DOT_SPAN) or 'rows'
   wide_programs: int = 2048  # fewest programs of the chunk kernels' second calls (see chunks_per_wide_program)
-  interpret: bool = False
-  warps_state: int = 4
-  warps_chunk: int = 4      # the parallel chunk kernels (output, dv, dr/dk/dw)
-  stages: int = 2
-
-  def params(self, warps):
-    return pltriton.CompilerParams(num_warps=warps, num_stages=self.stages)
-
-
-def _split_bf16(x, parts):
-  """x as up to `parts` bf16 parts whose sum holds 8 * parts significant bits; bf16 is exact as one."""
-  if x.dtype == jnp.bfloat16:
-    return (x,)
-  split = []
-  for _ in range(parts - 1):
-    split.append(x.astype(jnp.bfloat16))
-    x = x - split[-1].astype(f32)
-  return (*split, x.astype(jnp.bfloat16))
-
-
-def _dot(a, b, mode, trans_a=False, trans_b=False):
-  """a @ b in fp32 by one of the modes of Config.dots (see _mode), or bf16x6 (see _diagonal_dr_dk, _dr_dk_dw_kernel)."""
-  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-  if mode in ('bf16x3', 'bf16x6'):
-    # Split into bf16 parts, keeping the products of significance above the
-    # parts' precision: bf16x3 is (a_hi + a_lo)(b_hi + b_lo) less a_lo * b_lo,
-    # ~2^-16 relative error from bf16 MMAs; bf16x6 splits in three, ~2^-24.
-    # A bf16 operand (raw r, k, v, a stored state) is one part, which halves the products.
-    n = 2 if mode == 'bf16x3' else 3
-    parts = [(x, y) for i, x in enumerate(_split_bf16(a, n)) for j, y in enumerate(_split_bf16(b, n)) if i + j < n]
-    return sum(lax.dot_general(x, y, dims, preferred_element_type=f32) for x, y in parts)
-  precision = {'ieee': lax.Precision.HIGHEST, 'tf32': lax.Precision.DEFAULT,
-               'tf32x3': lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[mode]
-  return lax.dot_general(a.astype(f32), b.astype(f32), dims, precision=precision, preferred_element_type=f32)
-
-
-def _mode(cfg):
-  # Plain TF32 is too coarse for the log-decay gradient, a difference of
-  # accumulated products. fp32 inputs get IEEE fp32 dots. CPUs (interpret
-  # mode) have no TF32 and run those modes as IEEE; bf16x3 runs as written.
-  if cfg.exact or (cfg.interpret and cfg.dots != 'bf16x3'):
-    return 'ieee'
-  return cfg.dots
-
-
-def _masked_exp(mask, x):
-  # -inf (not a select after exp) so masked lanes never hold inf.
-  return jnp.exp(jnp.where(mask, x, -jnp.inf))
-
-
-def _tri(L, keep):
-  """An [L, L] 0/1 matrix, 1 where keep(row, col); bf16, in which it is exact."""
-  rows = lax.broadcasted_iota(jnp.int32, (L, L), 0)
-  return keep(rows, lax.broadcasted_iota(jnp.int32, (L, L), 1)).astype(jnp.bfloat16)
-
-
-def _sum_rows(x_LxK, keep, mode):
-  """Row t of the result sums the rows s of x with keep(t, s): a dot with a 0/1
-  matrix, a cumulative sum when keep is s <= t (s >= t: reverse). For bf16
-  inputs as bf16x6, as exact as fp32 (the 0/1 matrix is one bf16 part, so
-  three MMAs), which beat both Triton's scan and an IEEE fp32 dot (no tensor
-  cores in Triton) on an H200 (see Config); fp32 inputs take the IEEE dot."""
-  return _dot(_tri(x_LxK.shape[0], keep), x_LxK, 'ieee' if mode == 'ieee' else 'bf16x6')
-
-
-def _strictly_lower(a_LxL):
-  row = lax.broadcasted_iota(jnp.int32, a_LxL.shape, 0)
-  return jnp.where(row > lax.broadcasted_iota(jnp.int32, a_LxL.shape, 1), a_LxL, 0.0)
-
-
-def _row(x_LxK, i):
-  """Row i of a tile as [1, K]: a masked sum, since a Triton tile has no row indexing."""
-  rows = lax.broadcasted_iota(jnp.int32, x_LxK.shape, 0)
-  return jnp.sum(jnp.where(rows == i, x_LxK, 0.0), axis=0, keepdims=True)
 
 
 def _log_decays(w_ref, rows, mode):
   """(g, gi, ge, G) of `rows` of a raw-decay ref: g = -exp(w) and its chunk-local sums, fp32."""
   g = -jnp.exp(w_ref[rows, :].astype(f32))
-  gi = _sum_rows(g, lambda t, s: s <= t, mode)
-  return g, gi, gi - g, _row(gi, g.shape[0] - 1)
+  gi = sum_rows(g, lambda t, s: s <= t, mode)
+  return g, gi, gi - g, row(gi, g.shape[0] - 1)
 
 
 # The causal in-chunk term, A[t,s] = sum_j r_tj k_sj exp(ge_tj - gi_sj) for s < t.
@@ -246,20 +92,19 @@ def _log_decays(w_ref, rows, mode):
 # it again; past that (decay below exp(-60) within a quarter chunk: rare in
 # trained models, common in the tests) one key row s is taken per step, so the
 # pairwise exponentials live as an [L, K] tile at a time rather than an
-# [L, L, K] block. With random 1.6B-shaped weights (rwkv_jax.synthetic, 4096
-# tokens), 48% of 32-row chunk-heads need the two dots and 0.8% the rows.
+# [L, L, K] block. Random (untrained) weights send a good share of chunks to
+# the two dots and a few to the rows, so all three forms are needed.
 DOT_SPAN = 60.0
 # A step's log decay below -STEEP (w > 1.6) makes the backward's bf16x3 dots
-# too coarse for the decay gradient (see _diagonal_dr_dk). dw's relative RMS
-# error with bf16x3 (bf16 inputs, T=70, 10 draws): 2e-4 to 5e-4 where no step
-# was steeper (w in [1.4, 1.9], such chunks taking the row form), 4.6e-4 to
-# 1.3e-3 for w in [1.6, 2.0], 1.1e-2 to 2e-2 for w in [2.05, 2.35].
+# too coarse for the decay gradient (see _diagonal_dr_dk): past it dw's error
+# with bf16x3 grows with the steepness, over tests/test_wkv6.py's bound for
+# bf16 inputs from w ~ 2.
 STEEP = 5.0
 
 
 def _mid(gi, start, rows):
   """ge of the middle row of `rows` rows from `start` (= gi of the row before it)."""
-  return _row(gi, start + rows // 2 - 1)
+  return row(gi, start + rows // 2 - 1)
 
 
 def _halves(gi, ge, ref_LxK):
@@ -272,9 +117,9 @@ def _halves(gi, ge, ref_LxK):
   edge = _mid(gi, 0, L)
   within = jnp.exp(ge - ref_LxK), jnp.exp(ref_LxK - gi)
   across = jnp.exp(jnp.minimum(ge - edge, 0.0)), jnp.exp(jnp.minimum(edge - gi, 0.0))
-  row = lax.broadcasted_iota(jnp.int32, (L, L), 0) < L // 2
-  col = lax.broadcasted_iota(jnp.int32, (L, L), 1) < L // 2
-  return within, across, row == col
+  top = lax.broadcasted_iota(jnp.int32, (L, L), 0) < L // 2
+  left = lax.broadcasted_iota(jnp.int32, (L, L), 1) < L // 2
+  return within, across, top == left
 
 
 def _fits(gi, ge, ref):
@@ -312,16 +157,16 @@ def _by_span(cfg, wide, gi, ge, by_dot, by_halves, by_rows, operand):
 def _diagonal(cfg, wide, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
   """acc plus the causal in-chunk term: sum_{s<t} A[t,s] x_s (the output's,
   x = v), or transposed sum_{t>s} A[t,s] x_t (dv's, x = do)."""
-  mode, x = _mode(cfg), x_ref[...]
-  apply = lambda a, acc: acc + _dot(_strictly_lower(a), x, mode, trans_a=transpose)
+  mode, x = dot_mode(cfg), x_ref[...]
+  apply = lambda a, acc: acc + dot(strictly_lower(a), x, mode, trans_a=transpose)
 
   def by_dot(ref, acc):
-    return apply(_dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True), acc)
+    return apply(dot(r * jnp.exp(ge - ref), k * jnp.exp(ref - gi), mode, trans_b=True), acc)
 
   def by_halves(ref_LxK, acc):
     (qe_w, ke_w), (qe_a, ke_a), same = _halves(gi, ge, ref_LxK)
-    within = _dot(r * qe_w, k * ke_w, mode, trans_b=True)
-    across = _dot(r * qe_a, k * ke_a, mode, trans_b=True)
+    within = dot(r * qe_w, k * ke_w, mode, trans_b=True)
+    across = dot(r * qe_a, k * ke_a, mode, trans_b=True)
     return apply(jnp.where(same, within, across), acc)
 
   def by_rows(acc):
@@ -329,7 +174,7 @@ def _diagonal(cfg, wide, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
     row_LxD = lax.broadcasted_iota(jnp.int32, x.shape, 0)
 
     def body(s, acc):
-      e = _masked_exp(row_LxK > s, ge - _row(gi, s))
+      e = masked_exp(row_LxK > s, ge - row(gi, s))
       a_col = jnp.sum(r * k_ref[pl.ds(s, 1), :].astype(f32) * e, axis=1, keepdims=True)
       if transpose:
         return acc + jnp.where(row_LxD == s, jnp.sum(a_col * x, axis=0, keepdims=True), 0.0)
@@ -343,21 +188,21 @@ def _diagonal(cfg, wide, k_ref, x_ref, r, k, gi, ge, acc, *, transpose):
 def _diagonal_dr_dk(cfg, wide, refs, r, k, gi, ge, do):
   """The in-chunk terms of (dr, dk)."""
   k_ref, v_ref = refs
-  mode = _mode(cfg)
+  mode = dot_mode(cfg)
 
   # dr and dk feed the decay gradient sum_t (r dr - k dk), which under steep
   # decays (a step's log decay below -STEEP) cancels to a few hundredths of
-  # its terms: with bf16x3 there dw's error reached 1e-2 (w in [2.05, 2.35]
-  # over a chunk of 6 steps and padding). There their two dots split in three
-  # (bf16x6, 2^-24 relative); other chunks keep bf16x3. The two-dot form
+  # its terms, so bf16x3's 2^-16 relative error would show in dw. There their
+  # two dots split in three (bf16x6, 2^-24 relative); other chunks keep
+  # bf16x3, which is faster. The two-dot form
   # (decays summing past DOT_SPAN within half a chunk) always splits in three.
   fine = 'bf16x6' if mode == 'bf16x3' else mode
-  da = lambda: _strictly_lower(_dot(do, v_ref[...], mode, trans_b=True))
+  da = lambda: strictly_lower(dot(do, v_ref[...], mode, trans_b=True))
 
   def by_dot(ref, _, dr_dk_mode):
     qe, ke = jnp.exp(ge - ref), jnp.exp(ref - gi)
     q, kq, da_LxL = r * qe, k * ke, da()
-    return qe * _dot(da_LxL, kq, dr_dk_mode), ke * _dot(da_LxL, q, dr_dk_mode, trans_a=True)
+    return qe * dot(da_LxL, kq, dr_dk_mode), ke * dot(da_LxL, q, dr_dk_mode, trans_a=True)
 
   def by_dot_fine_when_steep(ref, x):
     steep = jnp.max(ge - gi) > STEEP  # ge - gi = -g
@@ -368,8 +213,8 @@ def _diagonal_dr_dk(cfg, wide, refs, r, k, gi, ge, do):
     (qe_w, ke_w), (qe_a, ke_a), same = _halves(gi, ge, ref_LxK)
     da_LxL = da()
     da_w, da_a = jnp.where(same, da_LxL, 0.0), jnp.where(same, 0.0, da_LxL)
-    dr = qe_w * _dot(da_w, k * ke_w, fine) + qe_a * _dot(da_a, k * ke_a, fine)
-    dk = ke_w * _dot(da_w, r * qe_w, fine, trans_a=True) + ke_a * _dot(da_a, r * qe_a, fine, trans_a=True)
+    dr = qe_w * dot(da_w, k * ke_w, fine) + qe_a * dot(da_a, k * ke_a, fine)
+    dk = ke_w * dot(da_w, r * qe_w, fine, trans_a=True) + ke_a * dot(da_a, r * qe_a, fine, trans_a=True)
     return dr, dk
 
   def by_rows(grads):
@@ -377,10 +222,10 @@ def _diagonal_dr_dk(cfg, wide, refs, r, k, gi, ge, do):
 
     def body(s, grads):
       dr, dk = grads
-      row = pl.ds(s, 1)
-      k_s = k_ref[row, :].astype(f32)
-      e = _masked_exp(row_LxK > s, ge - _row(gi, s))
-      dA_col = jnp.sum(do * v_ref[row, :].astype(f32), axis=1, keepdims=True)
+      at_s = pl.ds(s, 1)
+      k_s = k_ref[at_s, :].astype(f32)
+      e = masked_exp(row_LxK > s, ge - row(gi, s))
+      dA_col = jnp.sum(do * v_ref[at_s, :].astype(f32), axis=1, keepdims=True)
       dr += dA_col * k_s * e
       dk += jnp.where(row_LxK == s, jnp.sum(dA_col * r * e, axis=0, keepdims=True), 0.0)
       return dr, dk
@@ -394,44 +239,32 @@ def _diagonal_dr_dk(cfg, wide, refs, r, k, gi, ge, do):
 # ----------------------------------------------------------------------------- forward
 
 
-def _over_chunks(cfg, n_chunks, step, carry):
-  """step(n, carry) for n = 0 .. n_chunks-1, Config.state_steps chunks a loop iteration: a
-  chunk's loads and dot do not depend on the carried state, so unrolled they overlap the
-  previous chunk's update instead of waiting for the loop's next turn."""
-  def body(i, carry):
-    for j in range(cfg.state_steps):
-      carry = step(i * cfg.state_steps + j, carry)
-    return carry
-
-  return lax.fori_loop(0, n_chunks // cfg.state_steps, body, carry)
-
-
 def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
-  L, mode = cfg.chunk, _mode(cfg)
+  L, mode = cfg.chunk, dot_mode(cfg)
 
   def body(n, s_VxK):
     h_ref[n] = s_VxK.astype(h_ref.dtype)
     rows = pl.ds(pl.multiple_of(n * L, L), L)
     _, gi, _, G = _log_decays(w_ref, rows, mode)
     kd = k_ref[rows, :].astype(f32) * jnp.exp(G - gi)
-    return s_VxK * jnp.exp(G) + _dot(v_ref[rows, :], kd, mode, trans_a=True)
+    return s_VxK * jnp.exp(G) + dot(v_ref[rows, :], kd, mode, trans_a=True)
 
-  sT_ref[...] = _over_chunks(cfg, n_chunks, body, s0_ref[...])
+  sT_ref[...] = over_chunks(cfg, n_chunks, body, s0_ref[...])
 
 
 def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg, wide):
-  r, k, mode = r_ref[...], k_ref[...], _mode(cfg)  # r, k raw for bf16x3
+  r, k, mode = r_ref[...], k_ref[...], dot_mode(cfg)  # r, k raw for bf16x3
   _, gi, ge, _ = _log_decays(w_ref, slice(None), mode)
   o = jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * v_ref[...]  # the current token's own term
   o = _diagonal(cfg, wide, k_ref, v_ref, r, k, gi, ge, o, transpose=False)
-  o_ref[...] = (o + _dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True)).astype(o_ref.dtype)
+  o_ref[...] = (o + dot(r * jnp.exp(ge), h_ref[...], mode, trans_b=True)).astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
-  L, mode = cfg.chunk, _mode(cfg)
+  L, mode = cfg.chunk, dot_mode(cfg)
 
   def body(i, ds_VxK):
     n = n_chunks - 1 - i
@@ -439,24 +272,24 @@ def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_
     rows = pl.ds(pl.multiple_of(n * L, L), L)
     _, _, ge, G = _log_decays(w_ref, rows, mode)
     rq = r_ref[rows, :].astype(f32) * jnp.exp(ge)
-    return ds_VxK * jnp.exp(G) + _dot(do_ref[rows, :], rq, mode, trans_a=True)
+    return ds_VxK * jnp.exp(G) + dot(do_ref[rows, :], rq, mode, trans_a=True)
 
-  ds0_ref[...] = _over_chunks(cfg, n_chunks, body, dsT_ref[...])
+  ds0_ref[...] = over_chunks(cfg, n_chunks, body, dsT_ref[...])
 
 
 def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg, wide):
   """One chunk's dv: the output kernel transposed."""
-  r, k, mode = r_ref[...], k_ref[...], _mode(cfg)
+  r, k, mode = r_ref[...], k_ref[...], dot_mode(cfg)
   _, gi, ge, G = _log_decays(w_ref, slice(None), mode)
   dv = jnp.sum(r * u_ref[...] * k, axis=1, keepdims=True) * do_ref[...]
   dv = _diagonal(cfg, wide, k_ref, do_ref, r, k, gi, ge, dv, transpose=True)
-  dv += _dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)  # through the chunk's end state
+  dv += dot(k * jnp.exp(G - gi), dh_ref[...], mode, trans_b=True)  # through the chunk's end state
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
                      dr_ref, dk_ref, dw_ref, du_ref, *, cfg, wide):
-  mode = _mode(cfg)
+  mode = dot_mode(cfg)
   r, k, v, do = r_ref[...], k_ref[...], v_ref[...], do_ref[...]  # raw for bf16x3
   g, gi, ge, G = _log_decays(w_ref, slice(None), mode)
   # In-chunk terms first, then each state term is added as its gradient is
@@ -465,49 +298,23 @@ def _dr_dk_dw_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, do_ref, h_ref, dh_ref,
   dr, dk = _diagonal_dr_dk(cfg, wide, (k_ref, v_ref), r, k, gi, ge, do)
   u = u_ref[...]
   do_v = jnp.sum(do.astype(f32) * v.astype(f32), axis=1, keepdims=True)
-  dk_end = jnp.exp(G - gi) * _dot(v, dh_ref[...], mode)  # through the chunk's end state
+  dk_end = jnp.exp(G - gi) * dot(v, dh_ref[...], mode)  # through the chunk's end state
   dk = dk + dk_end
   dk_ref[...] = (dk + do_v * u * r).astype(dk_ref.dtype)
-  dr = dr + jnp.exp(ge) * _dot(do, h_ref[...], mode)
+  dr = dr + jnp.exp(ge) * dot(do, h_ref[...], mode)
   dr_ref[...] = (dr + do_v * u * k).astype(dr_ref.dtype)
   du_ref[...] = jnp.sum(do_v * r * k, axis=0, keepdims=True)
   # Log-decay gradient: reverse cumsum of r*dr - k*dk (r part exclusive), plus
   # every row's share in the chunk's end state, d/dG = colsum(S_end * dS_end),
   # whose in-chunk part is sum_s k_s * dk_end_s; then through g = -exp(w).
   dge = r * dr
-  reverse_cumsum = _sum_rows(dge - k * dk, lambda t, s: s >= t, mode)
+  reverse_cumsum = sum_rows(dge - k * dk, lambda t, s: s >= t, mode)
   dg = (reverse_cumsum - dge + jnp.sum(k * dk_end, axis=0, keepdims=True)
         + jnp.exp(G) * jnp.sum(h_ref[...].astype(f32) * dh_ref[...].astype(f32), axis=0, keepdims=True))
   dw_ref[...] = (dg * g).astype(dw_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- pallas_calls
-
-
-def _state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
-  """The sequential state kernels: grid B x H x V-tiles over [B, T, H, K] inputs
-  (one [B, T, H, V] input tiled along V) and a start state [B, H, V, K]. Returns
-  (the state at each chunk boundary [B, H, n_chunks, V, K], bf16 unless cfg.exact,
-  the last state, fp32)."""
-  B, T, H, K = kv_inputs[0].shape
-  V = v_input.shape[-1]
-  bv = min(cfg.block_v, V)
-  n_chunks = T // cfg.chunk
-  full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
-  vtile = pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j))
-  state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
-  states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
-  return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg, n_chunks=n_chunks),
-      grid=(B, H, V // bv),
-      in_specs=[full] * len(kv_inputs) + [vtile, state],
-      out_specs=[states, state],
-      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32 if cfg.exact else jnp.bfloat16),
-                 jax.ShapeDtypeStruct((B, H, V, K), f32)],
-      compiler_params=cfg.params(cfg.warps_state),
-      interpret=cfg.interpret,
-      name=name,
-  )(*kv_inputs, v_input, s_in)
 
 
 class _ChunkOf:
@@ -537,9 +344,8 @@ class _ChunkOf:
 def chunks_per_wide_program(cfg, n_chunks, B, H):
   """Chunks a program of a kernel's second call walks. It runs only the chunks
   whose in-chunk term is not one dot, often none, and a program that finds none
-  still costs a flag load's latency: at one chunk a program that call took 0.15
-  ms at (8,4096,64,64) on an H200, whatever it ran. Up to 8 chunks a program,
-  while there stay Config.wide_programs to spread the chunks it does run."""
+  still costs a flag load's latency, so one program walks several chunks: up to
+  8, while there stay Config.wide_programs to spread the chunks it does run."""
   per = 1
   while per < 8 and n_chunks % (2 * per) == 0 and n_chunks * B * H // (2 * per) >= cfg.wide_programs:
     per *= 2
@@ -560,11 +366,10 @@ def _chunk_calls(kernel, name, cfg, one_dot, inputs, kinds, out_shape, out_kinds
   """A parallel chunk kernel (grid chunks x B x H) as two calls writing the same
   outputs. The first stores the chunks whose in-chunk term is one dot (one_dot
   [B, H, n_chunks] is 1); it computes every chunk, so that its loads need not
-  wait for the flag's (waiting cost ~0.13 ms at (8,4096,64,64), H200). The
-  second (`name`_wide) runs the rest, several chunks a program (see
-  chunks_per_wide_program). Apart, the common one-dot code needs fewer
-  registers (output and dv: 137 and 142 against 255 on sm_90, 3 programs an SM
-  rather than 2; see Config). Inputs and outputs are of the kinds 'rows' (of a
+  wait for the flag's. The second (`name`_wide) runs the rest, several chunks
+  a program (see chunks_per_wide_program). Apart, the common one-dot code
+  needs far fewer registers than code holding every form, so more programs
+  share an SM. Inputs and outputs are of the kinds 'rows' (of a
   [B, T, H, X] array), 'u' ([H, 1, K]), 'state' ([B, H, n_chunks, V, K]) or
   'part' (a [B, n_chunks, H, K] partial sum)."""
   B, T, H, _ = inputs[0].shape
@@ -639,7 +444,7 @@ def _wkv(cfg, r, k, v, w, u, s0):
 
 
 def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
-  h, sT = _state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), v, s0)
+  h, sT = state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), v, s0)
   one_dot = one_dot_chunks(cfg, w)
   o = _out_or_dv(_out_fwd_kernel, 'wkv6_out_fwd', cfg, one_dot, r, k, w, u_Hx1xK, v, h, jnp.result_type(r, k, v))
   return (o, sT), (r, k, v, w, u_Hx1xK, h, one_dot)
@@ -648,7 +453,7 @@ def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
 def _wkv_bwd(cfg, residuals, cotangents):
   r, k, v, w, u_Hx1xK, h, one_dot = residuals
   do, dsT = cotangents
-  dh, ds0 = _state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), do, dsT)
+  dh, ds0 = state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), do, dsT)
   dv = _out_or_dv(_dv_bwd_kernel, 'wkv6_dv', cfg, one_dot, r, k, w, u_Hx1xK, do, dh, v.dtype)
   dr, dk, dw, du_part = _dr_dk_dw(cfg, one_dot, r, k, w, u_Hx1xK, v, do, h, dh)
   return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0
