@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# State-tuning step benchmark on the GPU machine: rwkv-jax vs the PyTorch/fla peer.
+# State-tuning step benchmark on the GPU machine: rwkv-jax vs RWKV-PEFT (--op cuda and --op fla).
 #   OUT=/some/dir bash bench/gpu_train_step.sh [extra train_step.py flags, e.g. --quick]
+# Carry [".whl", ".peer"]: .whl holds fla 0.6.0; .peer holds the RWKV-PEFT checkout
+# (.peer/RWKV-PEFT, its commit in .peer/RWKV-PEFT.commit) and rwkv-fla, the package RWKV-PEFT
+# imports as rwkvfla (.peer/wheels). rwkv-fla also ships a copy of fla under the name fla: it is
+# installed apart and that copy deleted, so `import fla` stays 0.6.0.
 # train_step.py stops starting configurations after --budget_s (450 s by default; 7B int8/nf4
 # come last and are the first to be skipped) and spreads them over every visible GPU. The whole
 # table is one call of at most 10 minutes on two H200s (nvidia-h200-x2); on one H200 the 1.6B
 # configurations take ~340 s and the 3B/7B ones ~360 s (mostly compiles), so there it is two:
 #   ... --configs '^1.6B' --budget_s 510, then --configs '^(7B|3B)' --budget_s 520
+# (timed before the RWKV-PEFT peer, whose CUDA builds and fla autotuning add minutes: see
+# bench/gpu_peer_check.sh for one peer configuration at a time).
 # Results: train_step_<card>_<date>.{json,md} in "$OUT" and bench/results; log in "$OUT".
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +19,12 @@ OUT="${OUT:-/tmp/train_step_out}"
 mkdir -p "$OUT" bench/results
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peer_site \
+  .peer/wheels/*.whl && rm -rf /tmp/peer_site/fla
+export PYTHONPATH=/tmp/site:$PWD:/tmp/peer_site
+# RWKV-PEFT's --op cuda builds its kernels with torch's extension loader, which needs CUDA_HOME;
+# its own guess (the parent of nvcc's folder) misses the toolkit where nvcc is a wrapper script.
+[[ -z "${CUDA_HOME:-}" ]] && export CUDA_HOME="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's|^#\$ _HERE_=\(.*\)/bin$|\1|p')"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # peak_bytes_in_use must be the step's own, not a pool
 export TF_CPP_MIN_LOG_LEVEL=2
 # fla's Triton autotuning takes ~200 s per shape on a fresh machine. Its results (a few KB of
