@@ -102,25 +102,22 @@ def profile_step(args, trace_dir) -> list[str]:
   cfg = train_step.MODELS[case.model]
   in_use = lambda: (jax.devices()[0].memory_stats() or {}).get('bytes_in_use', 0)
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
-  step = train.make_train_step(cfg, opt, args.implementation, remat=bool(case.grad_cp))
-  # As bench/train_step.py and the trainer: the embedding stays on the host, the step gets rows.
-  abstract = jax.eval_shape(lambda: train_step.random_params(cfg, case.quant, host_embedding=False))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
-  abstract_rows = jax.eval_shape(lambda: quant.take_rows(abstract['emb']['weight'], tokens[..., :-1]))
-  abstract_params = {k: v for k, v in abstract.items() if k != 'emb'}
-  state = jax.eval_shape(lambda: train.init_train_state(cfg, opt))
-  t0 = time.perf_counter()
-  compiled = step.lower(state, abstract_params, abstract_rows, tokens[..., 1:]).compile()
-  compile_s = time.perf_counter() - t0
   before = in_use()
-  params, embedding = train.host_embedding(train_step.random_params(cfg, case.quant))
+  model = train_step.random_model(cfg, case.quant, implementation=args.implementation)
+  embedding = train.host_embedding(model)  # as bench/train_step.py and the trainer: the step gets rows
+  graphdef, states, weights = train.split(model)
   after = in_use()
+  step = train.make_train_step(graphdef, opt, remat=bool(case.grad_cp))
   targets = jax.device_put(tokens[..., 1:])
-  train_state = [train.init_train_state(cfg, opt)]
+  train_state = [train.init_train_state(states, opt)]
+  t0 = time.perf_counter()
+  compiled = step.lower(train_state[0], weights, quant.take_rows(embedding, tokens[..., :-1]), targets).compile()
+  compile_s = time.perf_counter() - t0
 
   def call():  # the step donates its train state, so each call hands on the new one
     inputs = jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
-    train_state[0], loss = compiled(train_state[0], params, inputs, targets)
+    train_state[0], loss = compiled(train_state[0], weights, inputs, targets)
     return loss
 
   wall = wall_ms(call, ())

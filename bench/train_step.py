@@ -1,16 +1,18 @@
-"""One full state-tuning step, rwkv-jax vs an RWKV-PEFT-style PyTorch peer, on one GPU.
+"""One full state-tuning step, rwkv-jax vs RWKV-PEFT, on one GPU.
 
 rwkv-jax: train.make_train_step (forward, chunked CE + L2Wrap, gradient w.r.t.
 the states only, clip + Adam) on RWKV-6 1.6B / 3B / 7B shapes, bf16 random
 weights drawn on the device with jax.random in the param-tree layout, optionally
-int8 / nf4 (rwkv_jax.quant). The peer is bench/peer_step.py (fla chunk_rwkv6).
+int8 / nf4 (rwkv_jax.quant). The peer is RWKV-PEFT's own state-tuning step, imported from a
+local checkout by bench/rwkv_peft_step.py, once per op it offers (--op cuda: its CUDA kernels,
+--op fla: rwkv-fla), with its own weight initialisation (so --init_decays does not apply to it).
 Every configuration runs in its own process: peak memory is process-wide, and an
 OOM must not end the run. With several GPUs, each takes the next configuration
 from one queue (one process per GPU at a time), and each GPU keeps a
 persistent JAX cache of the weight-drawing functions for its later processes.
 
   python bench/train_step.py --out DIR [DIR ...] [--quick] [--configs REGEX] [--tiny] [--init_decays]
-                             [--gpus N] [--budget_s S]
+                             [--gpus N] [--budget_s S] [--peft_repo PATH] [--peer_ops cuda,fla]
 
   --quick    only 1.6B ctx 1024 bsz 1 grad_cp 1, both implementations
   --configs  keep configurations whose name (e.g. 7B-1024x1-cp1-nf4) matches REGEX
@@ -20,6 +22,9 @@ persistent JAX cache of the weight-drawing functions for its later processes.
   --init_decays  decays as RWKV-6 initialises them (time_decay in [-6, -1], decay LoRA ~0)
              instead of synthetic.py's steeper spread, which sends more WKV chunks to the
              backward's slower forms; results get an _init-decays suffix
+  --peft_repo  the RWKV-PEFT checkout (default .peer/RWKV-PEFT, with its commit in
+             .peer/RWKV-PEFT.commit); the results record its repository and commit
+  --peer_ops   RWKV-PEFT's WKV ops to time, each a peer column (without a GPU: its CPU check)
 
 Writes train_step_<card>_<date>.json and .md into every --out directory and
 prints the table.
@@ -39,6 +44,7 @@ import collections
 import dataclasses
 import datetime
 import functools
+import importlib
 import importlib.metadata
 import json
 import pathlib
@@ -59,22 +65,42 @@ sys.path.insert(0, str(ROOT))
 from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
 from rwkv_jax.synthetic import TINY  # pylint: disable=g-import-not-at-top
 
+X070_LORA = lambda C: (('w', _lora(1.8, 0.5, C)), ('a', _lora(1.8, 0.5, C)), ('v', _lora(1.3, 0.5, C)),
+                       ('g', _lora(0.6, 0.8, C)))
+
+
+def _lora(scale, power, C):
+  """RWKV-7's suggested LoRA width, which the released 1.5B's (96/96/64/256 at C=2048) follow."""
+  return max(32, int(round(scale * C**power / 32)) * 32)
+
+
 MODELS = {
-    '1.6B': RWKVConfig(n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=7168,
-                       dim_mix_lora=32, dim_decay_lora=64),
-    '3B': RWKVConfig(n_layer=32, n_embd=2560, head_size=64, vocab_size=65536, dim_ffn=8960,
-                     dim_mix_lora=32, dim_decay_lora=64),
-    '7B': RWKVConfig(n_layer=32, n_embd=4096, head_size=64, vocab_size=65536, dim_ffn=14336,
-                     dim_mix_lora=64, dim_decay_lora=128),
+    '1.6B': RWKVConfig(version='6', n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=7168,
+                       lora=(('mix', 32), ('decay', 64))),
+    '3B': RWKVConfig(version='6', n_layer=32, n_embd=2560, head_size=64, vocab_size=65536, dim_ffn=8960,
+                     lora=(('mix', 32), ('decay', 64))),
+    '7B': RWKVConfig(version='6', n_layer=32, n_embd=4096, head_size=64, vocab_size=65536, dim_ffn=14336,
+                     lora=(('mix', 64), ('decay', 128))),
+    'x070-1.5B': RWKVConfig(version='7', n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=8192,
+                            lora=X070_LORA(2048)),
+    'x070-2.9B': RWKVConfig(version='7', n_layer=32, n_embd=2560, head_size=64, vocab_size=65536, dim_ffn=10240,
+                            lora=X070_LORA(2560)),
+    'x070-7.2B': RWKVConfig(version='7', n_layer=32, n_embd=4096, head_size=64, vocab_size=65536, dim_ffn=16384,
+                            lora=X070_LORA(4096)),
     'tiny': dataclasses.replace(TINY, vocab_size=1024),
+    'tiny-x070': RWKVConfig(version='7', n_layer=2, n_embd=128, head_size=64, vocab_size=1024, dim_ffn=512,
+                            lora=(('w', 32), ('a', 32), ('v', 32), ('g', 32))),
 }
 PEAK_FALLBACK = 989e12  # H100 SXM dense bf16 datasheet figure, used only if the measurement fails
 STEPS, WARMUP = 10, 3  # timed steps (median), warm-up steps
 
 
 def step_counts(case) -> tuple[int, int]:
-  return (2, 1) if case.model == 'tiny' else (STEPS, WARMUP)  # tiny only checks that the code runs
+  return (2, 1) if case.model.startswith('tiny') else (STEPS, WARMUP)  # tiny only checks that the code runs
 WORKER_TIMEOUT_S = 240
+PEER_TIMEOUT_S = 420  # its CUDA build, or rwkv-fla's Triton autotuning in the first step, take minutes
+PEER_PREFIX = 'rwkv-peft-'  # + op: the peer's rows
+DEFAULT_PEFT_REPO = ROOT / '.peer' / 'RWKV-PEFT'
 RESERVE_S = 45  # a configuration is not started with less than this left of --budget_s
 
 
@@ -91,23 +117,27 @@ class Case:
     return f'{self.model}-{self.ctx_len}x{self.micro_bsz}-cp{self.grad_cp}-{self.quant}'
 
   def impls(self):
-    return ('rwkv-jax', 'peer') if self.quant == 'none' else ('rwkv-jax',)  # the peer has no bitsandbytes here
+    return ('rwkv-jax', 'peer') if self.quant == 'none' else ('rwkv-jax',)  # RWKV-PEFT dropped quantized training
 
 
 # In priority order: when --budget_s runs short, the tail is skipped.
 CASES = (Case('1.6B', 1024, 1, 1), Case('1.6B', 1024, 1, 1, 'int8'), Case('1.6B', 1024, 1, 1, 'nf4'),
          Case('1.6B', 1024, 1, 0), Case('1.6B', 512, 8, 1), Case('7B', 1024, 1, 1), Case('3B', 1024, 1, 1),
-         Case('7B', 1024, 1, 1, 'int8'), Case('7B', 1024, 1, 1, 'nf4'))
+         Case('7B', 1024, 1, 1, 'int8'), Case('7B', 1024, 1, 1, 'nf4'),
+         Case('x070-1.5B', 1024, 1, 1), Case('x070-1.5B', 512, 8, 1), Case('x070-2.9B', 1024, 1, 1),
+         Case('x070-7.2B', 1024, 1, 1))
 TINY_CASES = (Case('tiny', 32, 2, 1), Case('tiny', 32, 2, 0), Case('tiny', 32, 2, 1, 'int8'),
-              Case('tiny', 32, 2, 1, 'nf4'))
+              Case('tiny', 32, 2, 1, 'nf4'), Case('tiny-x070', 32, 2, 1), Case('tiny-x070', 32, 2, 1, 'nf4'))
 
 
 def matmul_params(cfg: RWKVConfig) -> int:
-  """Parameters that take part in matrix products per token: body and head, not the embedding."""
-  C, F, D, Dd = cfg.n_embd, cfg.dim_ffn, cfg.dim_mix_lora, cfg.dim_decay_lora
-  att = 5 * C * C + 2 * 5 * D * C + 2 * Dd * C  # r k v g o, time_maa_w1/w2, time_decay_w1/w2
-  ffn = 2 * F * C + C * C  # key, value, receptance
-  return cfg.n_layer * (att + ffn) + cfg.vocab_size * C
+  """Parameters that take part in matrix products per token: the body's matrices (the
+  projections and the LoRA-style mixes, not the per-head [H, N] vectors) and the head."""
+  from rwkv_jax.models import generation  # pylint: disable=g-import-not-at-top
+  is_matrix = lambda s: len(s) >= 2 and s[-2] > 1 and s != (cfg.n_head, cfg.head_size)
+  gen = generation(cfg.version)
+  body = sum(int(np.prod(s)) for i in range(cfg.n_layer) for s in gen.block_shapes(cfg, i).values() if is_matrix(s))
+  return body + cfg.vocab_size * cfg.n_embd
 
 
 def flops_per_token(cfg: RWKVConfig, grad_cp: int) -> int:
@@ -131,69 +161,73 @@ class JaxRng:
     return jax.random.uniform(self.key, shape, minval=low, maxval=high)
 
 
-def random_params(cfg: RWKVConfig, quant_mode: str, seed: int = 0, host_embedding: bool = True,
-                  init_decays: bool = False) -> dict:
-  """bf16 random params on the device in the trainer's tree (checkpoint.build_params), drawn a
-  tensor at a time and quantized as drawn, so no fp32 or dense copy of the model ever exists: it
-  would set the process's peak. The embedding goes to host memory as drawn, where the trainer
-  keeps it (train.host_embedding); host_embedding=False keeps it on the device (for eval_shape)."""
+def random_model(cfg: RWKVConfig, quant_mode: str, seed: int = 0, host_embedding: bool = True,
+                 init_decays: bool = False, implementation: str | None = None):
+  """An RWKV model with bf16 random weights on the device, drawn a tensor at a time and quantized
+  as drawn, so no fp32 or dense copy of the model ever exists: it would set the process's peak.
+  The embedding goes to host memory as drawn, where the trainer keeps it (train.host_embedding);
+  host_embedding=False keeps it on the device (for eval_shape)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rwkv_jax import checkpoint, quant, synthetic  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.models import RWKV, generation  # pylint: disable=g-import-not-at-top
 
   @functools.partial(jax.jit, static_argnums=(0, 1, 3))
   def draw(leaf, shape, key, mode):
-    value = synthetic.random_tensor(leaf, shape, JaxRng(key), init_decays).astype(jnp.bfloat16)
+    value = synthetic.random_tensor(cfg, leaf, shape, JaxRng(key), init_decays).astype(jnp.bfloat16)
     return value if mode == 'none' else quant.quantize(value, mode)
 
-  matrices = tuple(f'.{group}.{name}.weight' for group, name in quant.MATRICES)
+  matrices = tuple(f'.{group}.{name}.weight' for group, name in generation(cfg.version).QUANTIZED)
   keys = iter(jax.random.split(jax.random.key(seed), len(checkpoint.expected_shapes(cfg))))
 
   def leaf(name, shape):
     mode = 'none' if quant_mode == 'none' else (
         quant_mode if name.endswith(matrices) else 'int8' if name in ('emb.weight', 'head.weight') else 'none')
-    # One compile per distinct tensor of a layer, not per layer.
-    value = draw(re.sub(r'^blocks\.\d+\.', 'blocks.0.', name), shape, next(keys), mode)
+    # One compile per distinct tensor of a layer, not per layer (block 0 of x070 differs: its own).
+    value = draw(re.sub(r'^blocks\.([1-9]\d*)\.', 'blocks.1.', name), shape, next(keys), mode)
     # The trainer keeps the embedding on the host (train.host_embedding); so does this, as drawn.
     return jax.tree.map(np.asarray, value) if host_embedding and name == 'emb.weight' else value
 
-  return checkpoint.build_params(cfg, leaf)
+  return RWKV(cfg, checkpoint.build_params(cfg, leaf), implementation)
 
 
 def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
-  """The device-drawn tree must match what the trainer loads from a .pth and quantizes (at tiny size)."""
+  """The device-drawn model must match what the trainer loads from a .pth and quantizes (at tiny size)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from rwkv_jax import checkpoint, quant, synthetic  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.models import RWKV  # pylint: disable=g-import-not-at-top
   tensors = synthetic.random_checkpoint(cfg, dtype=jnp.bfloat16)
-  loaded = quant.quantize_params(checkpoint.params_from_tensors(tensors, cfg), quant_mode)
-  drawn = jax.eval_shape(lambda: random_params(cfg, quant_mode, host_embedding=False))
+  loaded = quant.quantize_model(RWKV(cfg, checkpoint.params_from_tensors(tensors, cfg)), quant_mode)
+  drawn = jax.eval_shape(lambda: nnx.state(random_model(cfg, quant_mode, host_embedding=False)))
   shapes = lambda tree: {jax.tree_util.keystr(p): (tuple(x.shape), str(x.dtype))
                          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
-  assert shapes(loaded) == shapes(drawn), 'random_params does not match params_from_tensors + quantize_params'
+  assert shapes(nnx.state(loaded)) == shapes(drawn), 'random_model does not match a loaded, quantized model'
 
 
 def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_dir: str | None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.wkv6 import default_implementation  # pylint: disable=g-import-not-at-top
   from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
   if cache_dir:  # drawing the weights took ~10 s a process: later processes load its compiled functions
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   cfg = MODELS[case.model]
-  if case.model == 'tiny':
+  if case.model.startswith('tiny'):
     check_layout(cfg, case.quant)
-  params, embedding = train.host_embedding(random_params(cfg, case.quant, init_decays=init_decays))
+  model = random_model(cfg, case.quant, init_decays=init_decays, implementation=implementation)
+  embedding = train.host_embedding(model)
+  graphdef, states, weights = train.split(model)
   if cache_dir:  # but not the step: compile_s stays a cold compile
     jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
   targets = jax.device_put(tokens[..., 1:])
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
-  train_state = train.init_train_state(cfg, opt)
-  step = train.make_train_step(cfg, opt, implementation, remat=bool(case.grad_cp))
+  train_state = train.init_train_state(states, opt)
+  step = train.make_train_step(graphdef, opt, remat=bool(case.grad_cp))
   t0 = time.perf_counter()
-  compiled = step.lower(train_state, params, inputs(), targets).compile()
+  compiled = step.lower(train_state, weights, inputs(), targets).compile()
   compile_s = time.perf_counter() - t0
   steps, warmup = step_counts(case)
   # As in train_state.py: one step stays queued on the device while the host gathers and sends
@@ -201,7 +235,7 @@ def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_
   # interval between two loss reads.
   reads, batch, pending = [], inputs(), None
   for _ in range(warmup + steps + 1):
-    train_state, loss = compiled(train_state, params, batch, targets)
+    train_state, loss = compiled(train_state, weights, batch, targets)
     batch = inputs()
     if pending is not None:
       float(pending)
@@ -211,8 +245,9 @@ def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_
   times = np.diff(reads)[warmup - 1:]
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
+  kernels = importlib.import_module(f'pallas_kernels.wkv{cfg.version}')  # the generation's recurrence
   return {'step_ms': statistics.median(times) * 1e3, 'peak_gb': peak / 1e9 if peak else None,
-          'compile_s': compile_s, 'loss': loss, 'wkv': implementation or default_implementation(case.ctx_len)}
+          'compile_s': compile_s, 'loss': loss, 'wkv': implementation or kernels.default_implementation(case.ctx_len)}
 
 
 def peak_worker() -> dict:
@@ -257,15 +292,25 @@ def run_process(argv: list[str], timeout_s: float, gpu: int | None = None) -> di
   return {'error': f'exit {proc.returncode}: ' + ((raised or lines or ['no output'])[-1][:300])}
 
 
+def peer_argv(case: Case, op: str, peft_repo: pathlib.Path, on_gpu: bool) -> list[str]:
+  """bench/rwkv_peft_step.py for one configuration and op; without a GPU, its CPU check."""
+  cfg = MODELS[case.model]
+  argv = ['bench/rwkv_peft_step.py', '--peft_repo', str(peft_repo.resolve()), '--version', f'x0{cfg.version}0',
+          '--op', op]
+  if not on_gpu:
+    return argv + ['--cpu_check']
+  steps, warmup = step_counts(case)
+  return argv + ['--n_layer', str(cfg.n_layer), '--n_embd', str(cfg.n_embd), '--ctx_len', str(case.ctx_len),
+                 '--micro_bsz', str(case.micro_bsz), '--grad_cp', str(case.grad_cp), '--steps', str(steps),
+                 '--warmup', str(warmup)]
+
+
 def run_case(case: Case, impl: str, implementation: str | None, init_decays: bool, timeout_s: float,
-             gpu: int | None, cache_dir: str | None) -> dict:
-  if impl == 'peer':
-    cfg = MODELS[case.model]
-    argv = ['bench/peer_step.py', '--config', json.dumps(dataclasses.asdict(cfg)), '--ctx_len', str(case.ctx_len),
-            '--micro_bsz', str(case.micro_bsz), '--grad_cp', str(case.grad_cp)]
-    argv += ['--steps', str(step_counts(case)[0]), '--warmup', str(step_counts(case)[1])]
-    argv += ['--init_decays'] if init_decays else []
-    return run_process(argv, timeout_s, gpu)
+             gpu: int | None, cache_dir: str | None, peft_repo: pathlib.Path | None) -> dict:
+  if impl.startswith(PEER_PREFIX):
+    if peft_repo is None:
+      return {'error': f'no RWKV-PEFT checkout at {DEFAULT_PEFT_REPO}: pass --peft_repo'}
+    return run_process(peer_argv(case, impl[len(PEER_PREFIX):], peft_repo, gpu is not None), timeout_s, gpu)
   spec = {'case': dataclasses.asdict(case), 'init_decays': init_decays, 'cache_dir': cache_dir}
   result = run_process(['bench/train_step.py', '--worker', json.dumps({**spec, 'implementation': implementation})],
                        timeout_s, gpu)
@@ -291,7 +336,7 @@ def make_row(case: Case, impl: str, result: dict, peak_flops: float) -> dict:
 def versions() -> dict:
   found = {'python': platform.python_version()}
   for package in ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'optax', 'torch', 'triton',
-                  'flash-linear-attention', 'fla-core'):
+                  'flash-linear-attention', 'fla-core', 'rwkv-fla'):
     try:
       found[package] = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -303,30 +348,58 @@ def fmt(value, spec):
   return '—' if value is None else format(value, spec)
 
 
+def case_of(row: dict) -> Case:
+  return Case(row['model'], row['ctx_len'], row['micro_bsz'], row['grad_cp'], row['quant'])
+
+
+def faster_peer(peers: list[dict]) -> dict:
+  """The peer op with the higher tok/s, the one the ratios are taken against ({} if none ran)."""
+  timed = [row for row in peers if row.get('tok_s')]
+  return max(timed, key=lambda row: row['tok_s']) if timed else {}
+
+
+def peer_note(report: dict) -> str:
+  peer = report.get('peer') or {}
+  rows = [r for r in report['results'] if r['impl'].startswith(PEER_PREFIX)]
+  fla = next((r['versions']['rwkv-fla'] for r in rows if 'rwkv-fla' in (r.get('versions') or {})), None)
+  lora = next((r['lora'] for r in rows if r.get('lora')), None)
+  return (f'Peer: RWKV-PEFT\'s own state-tuning step ({peer.get("commit") or "commit unknown"}, '
+          'bench/rwkv_peft_step.py): its model code, bf16, only time_state trained, its cross-entropy + L2Wrap, '
+          'torch Adam; --op cuda = its CUDA kernels, --op fla = rwkv-fla' + (f' {fla}' if fla else '')
+          + '. Ratios are rwkv-jax against the faster peer op of the row; peer first step = its first step '
+          '(Triton autotuning for fla; the CUDA build is before it).'
+          + (f' x070: RWKV-PEFT derives its LoRA widths from n_embd (w/a/v/g {"/".join(map(str, lora.values()))} '
+             'in its first x070 row); rwkv-jax\'s rows use the widths of their MODELS entry.' if lora else ''))
+
+
 def markdown(report: dict) -> str:
   rows = report['results']
-  find = lambda impl, case: next((r for r in rows if r['impl'] == impl and Case(
-      r['model'], r['ctx_len'], r['micro_bsz'], r['grad_cp'], r['quant']) == case), None)
-  lines = [f'# State-tuning step: rwkv-jax vs peer ({report["card"]}, {report["date"]})', '',
+  ops = (report.get('peer') or {}).get('ops', [])
+  find = lambda impl, case: next((r for r in rows if r['impl'] == impl and case_of(r) == case), None) or {}
+  peer_heads = ''.join(f'| RWKV-PEFT ({op}) tok/s | RWKV-PEFT ({op}) peak GB ' for op in ops)
+  lines = [f'# State-tuning step: rwkv-jax vs RWKV-PEFT ({report["card"]}, {report["date"]})', '',
            f'Peak used for MFU: {report["peak_tflops"]:.0f} TFLOP/s ({report["peak_source"]}). '
-           'Quantized rows are compared with the peer\'s bf16 row of the same shape. '
-           'Peer compile = its first step (Triton JIT and autotuning).'
+           'Quantized rows are compared with the peer\'s bf16 row of the same shape. ' + peer_note(report)
            + (f' Configurations spread over {report["gpus"]} GPUs of one machine, one process per GPU at a time.'
               if report.get('gpus', 1) > 1 else '')
-           + (' Decays as RWKV-6 initialises them (--init_decays).' if report.get('decays') == 'init' else ''), '',
-           '| config | WKV | rwkv-jax tok/s | peer tok/s | speed ratio | rwkv-jax peak GB | peer peak GB '
-           '| memory ratio | rwkv-jax MFU | peer MFU | rwkv-jax compile s | peer first step s |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for case in dict.fromkeys(Case(r['model'], r['ctx_len'], r['micro_bsz'], r['grad_cp'], r['quant']) for r in rows):
-    ours, peer = find('rwkv-jax', case) or {}, find('peer', dataclasses.replace(case, quant='none')) or {}
-    ratio = lambda k: (f'{ours[k] / peer[k]:.2f}x' if ours.get(k) and peer.get(k) else '—')
+           + (' rwkv-jax decays as RWKV-6 initialises them (--init_decays).' if report.get('decays') == 'init' else ''),
+           '',
+           f'| config | WKV | rwkv-jax tok/s | rwkv-jax peak GB {peer_heads}| speed vs faster peer '
+           '| memory vs that peer | rwkv-jax MFU | rwkv-jax compile s | peer first step s |',
+           '|---' * (9 + 2 * len(ops)) + '|']
+  for case in dict.fromkeys(case_of(r) for r in rows):
+    ours = find('rwkv-jax', case)
+    peers = [find(PEER_PREFIX + op, dataclasses.replace(case, quant='none')) for op in ops]
+    best = faster_peer(peers)
+    ratio = lambda k: (f'{ours[k] / best[k]:.2f}x' if ours.get(k) and best.get(k) else '—')
+    peer_cells = ''.join(f'| {fmt(p.get("tok_s"), ",.0f")} | {fmt(p.get("peak_gb"), ".2f")} ' for p in peers)
+    first_steps = ' / '.join(f'{op} {fmt(p.get("compile_s"), ".1f")}' for op, p in zip(ops, peers))
     lines.append(
-        f'| {case.name} | {ours.get("wkv", "—")} | {fmt(ours.get("tok_s"), ",.0f")} | {fmt(peer.get("tok_s"), ",.0f")} '
-        f'| {ratio("tok_s")} | {fmt(ours.get("peak_gb"), ".2f")} | {fmt(peer.get("peak_gb"), ".2f")} '
-        f'| {ratio("peak_gb")} | {fmt(ours.get("mfu"), ".1%")} | {fmt(peer.get("mfu"), ".1%")} '
-        f'| {fmt(ours.get("compile_s"), ".1f")} | {fmt(peer.get("compile_s"), ".1f")} |')
-  errors = [f'- {r["impl"]} {Case(r["model"], r["ctx_len"], r["micro_bsz"], r["grad_cp"], r["quant"]).name}: '
-            f'{r.get("error") or r.get("note")}' for r in rows if r.get('error') or r.get('note')]
+        f'| {case.name} | {ours.get("wkv", "—")} | {fmt(ours.get("tok_s"), ",.0f")} '
+        f'| {fmt(ours.get("peak_gb"), ".2f")} {peer_cells}| {ratio("tok_s")} | {ratio("peak_gb")} '
+        f'| {fmt(ours.get("mfu"), ".1%")} | {fmt(ours.get("compile_s"), ".1f")} | {first_steps or "—"} |')
+  errors = [f'- {r["impl"]} {case_of(r).name}: {r.get("error") or r.get("note")}'
+            for r in rows if r.get('error') or r.get('note')]
   return '\n'.join(lines + ([''] + errors if errors else [])) + '\n'
 
 
@@ -351,6 +424,9 @@ def main():
                  help='RWKV-6\'s initial decays (time_decay in [-6, -1], no decay LoRA) instead of steeper ones')
   p.add_argument('--budget_s', type=float, default=450, help='skip configurations that would start after this')
   p.add_argument('--gpus', type=int, help='GPUs to spread the configurations over (default: all visible)')
+  p.add_argument('--peft_repo', type=pathlib.Path, default=DEFAULT_PEFT_REPO if DEFAULT_PEFT_REPO.exists() else None,
+                 help='RWKV-PEFT checkout for the peer (default: .peer/RWKV-PEFT when it exists)')
+  p.add_argument('--peer_ops', default='cuda,fla', help='RWKV-PEFT ops to time (--op of its train.py)')
   p.add_argument('--worker', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
@@ -367,8 +443,10 @@ def main():
     peak_flops, source = PEAK_FALLBACK, f'H100 SXM datasheet (not measured: {device.get("error") or "no GPU"})'
   print(f'{device.get("card")}: {peak_flops / 1e12:.0f} TFLOP/s ({source})', flush=True)
 
-  impls = args.impls.split(',')
-  tasks = [(case, impl) for case in select_cases(args) for impl in case.impls() if impl in impls]
+  impls, peer_ops = args.impls.split(','), args.peer_ops.split(',')
+  expand = lambda impl: [PEER_PREFIX + op for op in peer_ops] if impl == 'peer' else [impl]
+  tasks = [(case, name) for case in select_cases(args) for impl in case.impls() if impl in impls
+           for name in expand(impl)]
   queue = collections.deque(enumerate(tasks))
   rows = [None] * len(tasks)
   on_gpu = device.get('platform') == 'gpu'
@@ -387,13 +465,14 @@ def main():
         result = {'error': f'skipped: --budget_s {args.budget_s:.0f} spent'}
       else:
         try:  # a row that fails here must not end this GPU's thread and lose the rest of its queue
-          result = run_case(case, impl, args.implementation, args.init_decays, min(WORKER_TIMEOUT_S, left), gpu,
-                            cache_dir)
+          limit_s = PEER_TIMEOUT_S if impl.startswith(PEER_PREFIX) else WORKER_TIMEOUT_S
+          result = run_case(case, impl, args.implementation, args.init_decays, min(limit_s, left), gpu, cache_dir,
+                            args.peft_repo)
         except Exception as e:  # pylint: disable=broad-exception-caught
           result = {'error': f'driver: {type(e).__name__}: {e}'[:300]}
       rows[index] = make_row(case, impl, {**result, 'gpu': gpu}, peak_flops)
       shown = {k: rows[index].get(k) for k in ('tok_s', 'step_ms', 'peak_gb', 'mfu', 'compile_s', 'wkv', 'error')}
-      print(f'{time.perf_counter() - start:6.0f}s gpu {gpu} {impl:8s} {case.name}: {json.dumps(shown)}', flush=True)
+      print(f'{time.perf_counter() - start:6.0f}s gpu {gpu} {impl:14s} {case.name}: {json.dumps(shown)}', flush=True)
 
   threads = [threading.Thread(target=work, args=(gpu,)) for gpu in gpus]
   for thread in threads:
@@ -406,6 +485,9 @@ def main():
   report = {'card': card, 'date': date, 'versions': versions(), 'peak_tflops': peak_flops / 1e12,
             'peak_source': source, 'decays': 'init' if args.init_decays else 'random', 'gpus': len(gpus),
             'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)', 'results': rows}
+  if 'peer' in impls:
+    commit = next((r['peer'] for r in rows if r['impl'].startswith(PEER_PREFIX) and r.get('peer')), None)
+    report['peer'] = {'checkout': str(args.peft_repo), 'commit': commit, 'ops': peer_ops}
   stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}'
   stem += '_init-decays' if args.init_decays else ''
   table = markdown(report)

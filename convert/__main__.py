@@ -10,8 +10,8 @@
       ai00:     Ai00 / web-rwkv: the same keys as float16 safetensors, [H, K, V]
       pth-fp32: like runner, in fp32
   merge --ckpt MODEL.pth --state STATE --out MERGED.pth [--replace_state]
-      the base model with the state as its time_state keys; the rwkv package (v6) and
-      rwkv_jax.load start from it when no state is given
+      the base model with the state as its time_state keys; rwkv_jax.load (every version) and
+      the rwkv package (v5/v6, not v7) start from it when no state is given
   inspect FILE [--ckpt MODEL]
       what a model or state file holds, and whether a state fits a model
 
@@ -27,27 +27,33 @@ import numpy as np
 from rwkv_jax import checkpoint, cli, state_io
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
+from rwkv_jax.models import generation
 
 EXPORT_FORMATS = ('runner', 'ai00', 'pth-fp32')
+MERGED_STATE_USERS = {
+    '6': 'starts from the merged state: rwkv_jax.load, the rwkv pip package, Runner (torch backends)',
+    '7': ('starts from the merged state: rwkv_jax.load. The rwkv pip package (RWKV_V7_ON) ignores a merged '
+          'x070 time_state: mount the state file there (Runner: Configs -> State-tuned Model)'),
+}
 
-# Official RWKV-6 World sizes (n_layer, n_embd), to name what a lone state file belongs to.
-KNOWN_SIZES = {(12, 768): '0.1B', (24, 1024): '0.4B', (24, 2048): '1.6B', (32, 2560): '3B',
-               (32, 4096): '7B', (61, 4096): '14B'}
+# Official sizes (n_layer, n_embd), to name what a lone state file belongs to: RWKV-6 World
+# and RWKV-7 World / G1 share their shapes.
+KNOWN_SIZES = {(12, 768): '0.1B', (24, 1024): '0.4B', (24, 2048): 'RWKV-6 1.6B / RWKV-7 1.5B',
+               (32, 2560): 'RWKV-6 3B / RWKV-7 2.9B', (32, 4096): '7B', (61, 4096): '14B / RWKV-7 13B'}
 
 
 def to_flax(args):
-  tensors = checkpoint.read_pth(args.model)
-  cfg = checkpoint.check_shapes(tensors, args.model)
-  checkpoint.save_flax(args.out_dir, checkpoint.params_from_tensors(tensors, cfg), cfg)
-  print(f'{cfg.describe()} -> {args.out_dir}')
+  model = checkpoint.load_model(args.model)
+  checkpoint.save_flax(args.out_dir, model)
+  print(f'{model.cfg.describe()} -> {args.out_dir}')
 
 
 def to_pth(args):
   if pathlib.Path(args.out).exists() and pathlib.Path(args.out).samefile(args.model_dir):
     raise UserError(f'{args.out} is the input; choose another output path')
-  params, cfg = checkpoint.load_flax(args.model_dir)
-  checkpoint.write_pth(args.out, checkpoint.tensors_from_params(params, cfg))
-  print(f'{cfg.describe()} -> {args.out}')
+  model = checkpoint.load_flax(args.model_dir)
+  checkpoint.write_pth(args.out, checkpoint.tensors_from_params(checkpoint.model_params(model), model.cfg))
+  print(f'{model.cfg.describe()} -> {args.out}')
 
 
 def refuse_overwriting_inputs(out, *inputs) -> None:
@@ -60,8 +66,8 @@ def refuse_overwriting_inputs(out, *inputs) -> None:
 def read_model_tensors(path) -> tuple[dict[str, np.ndarray], RWKVConfig]:
   """A .pth model or a to-flax directory as official `{key: tensor}`, checked."""
   if pathlib.Path(path).is_dir():
-    params, cfg = checkpoint.load_flax(path)
-    return checkpoint.tensors_from_params(params, cfg), cfg
+    model = checkpoint.load_flax(path)
+    return checkpoint.tensors_from_params(checkpoint.model_params(model), model.cfg), model.cfg
   tensors = checkpoint.read_pth(path)
   return tensors, checkpoint.check_shapes(tensors, str(path))
 
@@ -104,6 +110,7 @@ def merge(args):
   merged = {k: tensors[k] for k in checkpoint.expected_shapes(cfg, with_time_state=True)}
   checkpoint.write_pth(args.out, merged)
   print(f'{args.ckpt} + {args.state} -> {args.out} ({cfg.describe()}, time_state {np.dtype(dtype).name})')
+  print(MERGED_STATE_USERS[cfg.version])
 
 
 def inspect(args):
@@ -136,13 +143,13 @@ def describe_model(path) -> list[str]:
   weights = [v for k, v in tensors.items() if k not in state_keys]
   dtypes = sorted({str(v.dtype) for v in weights})
   lines = [
-      f'{path}: RWKV-{cfg.version} model',
+      f'{path}: RWKV-{cfg.version} model ({generation(cfg.version).NAME})',
       f'  layers       {cfg.n_layer}',
       f'  width        {cfg.n_embd}',
       f'  heads        {cfg.n_head} x head size {cfg.head_size}',
       f'  vocab        {cfg.vocab_size}',
       f'  ffn          {cfg.dim_ffn}',
-      f'  lora dims    mix {cfg.dim_mix_lora}, decay {cfg.dim_decay_lora}',
+      f'  lora dims    {", ".join(f"{name} {width}" for name, width in cfg.lora)}',
       f'  dtype        {", ".join(dtypes)}',
       f'  parameters   {sum(v.size for v in weights):,}',
   ]
@@ -159,7 +166,7 @@ def describe_state(state_file: state_io.StateFile, path) -> list[str]:
   state = state_file.state_LxHxVxK
   L, H, N, _ = state.shape
   size = KNOWN_SIZES.get((L, H * N))
-  fits = f'n_layer {L} x n_embd {H * N}' + (f' (RWKV-6 World {size})' if size else '')
+  fits = f'n_layer {L} x n_embd {H * N}' + (f' ({size})' if size else '')
   lines = [
       f'{path}: state ({state_io.FORMAT_NOTES[state_file.format]})',
       f'  layers       {L}',
@@ -184,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   p = commands.add_parser('to-flax', help='official .pth -> orbax directory')
-  p.add_argument('model', help='an RWKV-6 .pth checkpoint')
+  p.add_argument('model', help='an RWKV .pth checkpoint')
   p.add_argument('out_dir', help='directory to write (params/ and config.json)')
   p.set_defaults(run=to_flax)
   p = commands.add_parser('to-pth', help='orbax directory -> official .pth')
@@ -198,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--ckpt', help='the base model: refuse the state unless it fits')
   p.set_defaults(run=export_state)
   p = commands.add_parser('merge', help='base model + state -> one .pth that starts from the state')
-  p.add_argument('--ckpt', required=True, help='the base RWKV-6 model (.pth or to-flax directory)')
+  p.add_argument('--ckpt', required=True, help='the base model (.pth or to-flax directory)')
   p.add_argument('--state', required=True, help='the trained state (any format export-state reads)')
   p.add_argument('--out', required=True, help='the merged .pth to write')
   p.add_argument('--replace_state', action='store_true', help='replace a state the model already carries')

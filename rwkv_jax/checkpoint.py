@@ -1,9 +1,10 @@
-"""Official RWKV `.pth` files <-> the Flax param pytree (and its orbax directory form).
+"""Official RWKV `.pth` files <-> the param tree <-> the NNX model (and its orbax directory form).
 
 The pytree follows the checkpoint's names: `emb`, `ln0`, `blocks` (a list of
 per-layer dicts), `ln_out`, `head`. `[1, 1, C]` vectors are
 squeezed to `[C]` and restored on the way back, so a round trip is bit-exact.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,46 +12,39 @@ import pickle
 import re
 import zipfile
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
 
-# Keys stored as [1, 1, C] in the file and as [C] in the pytree.
-_SQUEEZED = re.compile(r'(time_maa_[a-z]|time_decay)$')
 CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
-
-
-def _expected_block_shapes(cfg: RWKVConfig) -> dict[str, tuple[int, ...]]:
-  C, F, H, N = cfg.n_embd, cfg.dim_ffn, cfg.n_head, cfg.head_size
-  D, Dd = cfg.dim_mix_lora, cfg.dim_decay_lora
-  shapes = {'ln1.weight': (C,), 'ln1.bias': (C,), 'ln2.weight': (C,), 'ln2.bias': (C,)}
-  shapes.update({f'att.time_maa_{c}': (1, 1, C) for c in 'xwkvrg'})
-  shapes.update({
-      'att.time_maa_w1': (C, 5 * D), 'att.time_maa_w2': (5, D, C),
-      'att.time_decay': (1, 1, C), 'att.time_decay_w1': (C, Dd), 'att.time_decay_w2': (Dd, C),
-      'att.time_faaaa': (H, N)})
-  shapes.update({f'att.{m}.weight': (C, C) for m in ('receptance', 'key', 'value', 'gate', 'output')})
-  shapes.update({
-      'att.ln_x.weight': (C,), 'att.ln_x.bias': (C,),
-      'ffn.time_maa_k': (1, 1, C), 'ffn.time_maa_r': (1, 1, C),
-      'ffn.key.weight': (F, C), 'ffn.receptance.weight': (C, C), 'ffn.value.weight': (C, F)})
-  return shapes
+FLAX_FORMAT = 'rwkv-jax-nnx'
 
 
 def expected_shapes(cfg: RWKVConfig, with_time_state: bool = False) -> dict[str, tuple[int, ...]]:
-  """Every key of an official x060 file with its shape, in the order the trainers write them."""
+  """Every key of an official checkpoint of this version with its shape, in the order the trainers
+  write them (keys a file may add unused, e.g. x070 block 0's v0/v1/v2, are not listed)."""
+  from rwkv_jax.models import generation  # pylint: disable=g-import-not-at-top
+  gen = generation(cfg.version)
   C, V = cfg.n_embd, cfg.vocab_size
   shapes = {'emb.weight': (V, C), 'blocks.0.ln0.weight': (C,), 'blocks.0.ln0.bias': (C,)}
-  block = _expected_block_shapes(cfg)
-  if with_time_state:
-    block['att.time_state'] = (cfg.n_head, cfg.head_size, cfg.head_size)
   for i in range(cfg.n_layer):
+    block = gen.block_shapes(cfg, i)
+    if with_time_state:
+      block['att.time_state'] = (cfg.n_head, cfg.head_size, cfg.head_size)
     shapes.update({f'blocks.{i}.{k}': s for k, s in block.items()})
   shapes.update({'ln_out.weight': (C,), 'ln_out.bias': (C,), 'head.weight': (V, C)})
   return shapes
+
+
+def optional_shapes(cfg: RWKVConfig) -> dict[str, tuple[int, ...]]:
+  """Keys a file of this version may carry that the model does not use."""
+  from rwkv_jax.models import generation  # pylint: disable=g-import-not-at-top
+  gen = generation(cfg.version)
+  return {f'blocks.{i}.{k}': s for i in range(cfg.n_layer) for k, s in gen.optional_block_shapes(cfg, i).items()}
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -104,15 +98,16 @@ def check_shapes(tensors: dict[str, np.ndarray], source: str) -> RWKVConfig:
   """Infers the config and checks every key and shape against it."""
   cfg = RWKVConfig.from_shapes({k: tuple(v.shape) for k, v in tensors.items()}, source)
   has_state = any(k.endswith('.att.time_state') for k in tensors)
-  expected = expected_shapes(cfg, with_time_state=has_state)
-  missing = [k for k in expected if k not in tensors]
+  expected = {**expected_shapes(cfg, with_time_state=has_state), **optional_shapes(cfg)}
+  name = f'RWKV-{cfg.version}'
+  missing = [k for k in expected_shapes(cfg, with_time_state=has_state) if k not in tensors]
   if missing:
-    raise UserError(f'{source} lacks {len(missing)} RWKV-6 keys (first: {missing[0]}); is the file truncated?')
+    raise UserError(f'{source} lacks {len(missing)} {name} keys (first: {missing[0]}); is the file truncated?')
   unknown = [k for k in tensors if k not in expected]
   if unknown:
-    raise UserError(f'{source} has keys an RWKV-6 x060 model does not (first: {unknown[0]})')
+    raise UserError(f'{source} has keys an {name} model does not (first: {unknown[0]})')
   for k, shape in expected.items():
-    if tuple(tensors[k].shape) != shape:
+    if k in tensors and tuple(tensors[k].shape) != shape:
       raise UserError(f'{source}: {k} has shape {tuple(tensors[k].shape)}, expected {shape} for {cfg.describe()}')
   return cfg
 
@@ -143,30 +138,26 @@ def _tree_path(key: str) -> tuple[str, int | None]:
 
 
 def build_params(cfg: RWKVConfig, leaf_fn, with_time_state: bool = False) -> dict:
-  """The param pytree with `leaf_fn(checkpoint key, shape in the tree)` at every leaf.
+  """The param tree with `leaf_fn(checkpoint key, shape in the tree)` at every leaf.
 
   Globals sit at the top (`emb`, `ln0`, `ln_out`, `head`); `blocks` is a list of
   per-layer dicts, so that every layer's matrices are arrays of their own that
   the model's products read in place. [1, 1, C] vectors become [C].
   """
+  from rwkv_jax.models import generation  # pylint: disable=g-import-not-at-top
+  squeezed = generation(cfg.version).SQUEEZED
   params = {'blocks': [{} for _ in range(cfg.n_layer)]}
   for key, shape in expected_shapes(cfg, with_time_state).items():
     path, layer = _tree_path(key)
-    shape = (shape[-1],) if _SQUEEZED.search(key) else shape
+    shape = (shape[-1],) if squeezed.search(key) else shape
     _set(params if layer is None else params['blocks'][layer], path, leaf_fn(key, shape))
   return params
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], cfg: RWKVConfig) -> dict:
-  """Flat checkpoint dict (checked by check_shapes) -> the param pytree of build_params."""
+  """Flat checkpoint dict (checked by check_shapes) -> the param tree of build_params."""
   return build_params(cfg, lambda key, shape: tensors[key].reshape(shape),
                       with_time_state='blocks.0.att.time_state' in tensors)
-
-
-def abstract_params(cfg: RWKVConfig, dtype) -> dict:
-  """The param pytree as `jax.ShapeDtypeStruct`s: for compiling or initializing without a file."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return build_params(cfg, lambda key, shape: jax.ShapeDtypeStruct(shape, dtype))
 
 
 def tensors_from_params(params: dict, cfg: RWKVConfig) -> dict[str, np.ndarray]:
@@ -180,46 +171,68 @@ def tensors_from_params(params: dict, cfg: RWKVConfig) -> dict[str, np.ndarray]:
   return tensors
 
 
-def split_time_state(params: dict) -> tuple[dict, np.ndarray | None]:
-  """(params without `att.time_state`, the [L, H, V, K] states a merged checkpoint carries, or None)."""
-  if 'time_state' not in params['blocks'][0]['att']:
-    return params, None
-  blocks = [{**b, 'att': {k: v for k, v in b['att'].items() if k != 'time_state'}} for b in params['blocks']]
-  return {**params, 'blocks': blocks}, np.stack([np.asarray(b['att']['time_state']) for b in params['blocks']])
+def model_params(model) -> dict:
+  """An RWKV model's weights as the param tree of build_params (numpy), with `att.time_state`
+  in the weights' dtype if the model was built from a merged checkpoint."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.models import WKVState  # pylint: disable=g-import-not-at-top
+  tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  if model.merged_state:
+    states = nnx.to_pure_dict(nnx.state(model, WKVState))
+    for i, block in states['blocks'].items():
+      tree['blocks'][i]['att']['time_state'] = np.asarray(block['att']['time_state']).astype(model.dtype)
+  tree['blocks'] = [tree['blocks'][i] for i in range(len(tree['blocks']))]
+  return jax.tree.map(np.asarray, tree)
 
 
-def save_flax(directory, params: dict, cfg: RWKVConfig) -> None:
-  """Writes `params/` (orbax) and `config.json` into `directory`."""
+def save_flax(directory, model) -> None:
+  """Writes the model's NNX state (`params/`, orbax) and `config.json` into `directory`."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / PARAMS_DIR, params, force=True)
+    checkpointer.save(directory / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model)), force=True)
   tmp = directory / (CONFIG_FILE + '.tmp')
-  tmp.write_text(json.dumps({'format': 'rwkv-jax', **vars(cfg)}, indent=2))
+  config = {'format': FLAX_FORMAT, 'merged_state': model.merged_state, 'config': dataclasses.asdict(model.cfg)}
+  tmp.write_text(json.dumps(config, indent=2))
   os.replace(tmp, directory / CONFIG_FILE)
 
 
-def load_flax(directory) -> tuple[dict, RWKVConfig]:
+def load_flax(directory, implementation=None):
+  """A directory written by save_flax -> the RWKV model: orbax restores the saved state as it was
+  written (dtypes included), it replaces the abstract model's, then nnx.merge."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from rwkv_jax.models import RWKV  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory).absolute()
   config_path = directory / CONFIG_FILE
   if not config_path.is_file() or not (directory / PARAMS_DIR).is_dir():
     raise UserError(f'{directory} is not a converted model directory (expected {CONFIG_FILE} and {PARAMS_DIR}/); '
                     'make one with `python -m convert to-flax MODEL.pth DIR`')
   fields = json.loads(config_path.read_text())
-  fields.pop('format', None)
-  cfg = RWKVConfig(**fields)
+  if fields.get('format') != FLAX_FORMAT:
+    raise UserError(f'{directory} was converted by an older rwkv-jax; convert the .pth again with '
+                    '`python -m convert to-flax MODEL.pth DIR`')
+  cfg = RWKVConfig(**fields['config'])
+  abstract = nnx.eval_shape(lambda p: RWKV(cfg, p, implementation), abstract_params(cfg, fields['merged_state']))
+  graphdef, state = nnx.split(abstract)
   with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(directory / PARAMS_DIR)
-  return params, cfg
+    nnx.replace_by_pure_dict(state, checkpointer.restore(directory / PARAMS_DIR))  # the saved dtypes
+  return nnx.merge(graphdef, state)
 
 
-def load_params(path) -> tuple[dict, RWKVConfig]:
-  """A `.pth` file or a converted directory -> (numpy/jax param pytree, config)."""
+def abstract_params(cfg: RWKVConfig, with_time_state: bool = False, dtype=np.float32) -> dict:
+  """The param tree as `jax.ShapeDtypeStruct`s: for building a model without a file."""
+  return build_params(cfg, lambda key, shape: jax.ShapeDtypeStruct(shape, dtype), with_time_state)
+
+
+def load_model(path, implementation=None):
+  """A `.pth` file or a converted directory -> the RWKV model (weights in the file's dtype)."""
+  from rwkv_jax.models import RWKV  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if path.is_dir():
-    return load_flax(path)
+    return load_flax(path, implementation)
   tensors = read_pth(path)
   cfg = check_shapes(tensors, str(path))
-  return params_from_tensors(tensors, cfg), cfg
+  return RWKV(cfg, params_from_tensors(tensors, cfg), implementation)

@@ -4,26 +4,34 @@ import re
 
 from rwkv_jax.errors import UserError
 
+SUPPORTED = ('5', '6', '7')  # RWKV versions with a module in rwkv_jax/models
+
 
 @dataclasses.dataclass(frozen=True)
 class RWKVConfig:
-  """Dimensions of an RWKV-6 (x060) model.
+  """Version and dimensions of an RWKV model, for every generation.
 
-  dim_mix_lora / dim_decay_lora are the inner sizes of `time_maa_w1/w2` and
-  `time_decay_w1/w2` (32/64 for most sizes, 64/128 for the 7B/14B files).
+  lora: the inner widths of the generation's LoRA-style matrices as (name, width)
+  pairs, in its order (x060: mix, decay — 32/64 for most sizes, 64/128 for 7B/14B).
+  A tuple, not a dict, so that the config stays hashable (it is a static jit argument).
   """
+  version: str
   n_layer: int
   n_embd: int
   head_size: int
   vocab_size: int
   dim_ffn: int
-  dim_mix_lora: int
-  dim_decay_lora: int
-  version: str = '6'
+  lora: tuple[tuple[str, int], ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, 'lora', tuple(tuple(pair) for pair in self.lora))  # JSON gives lists
 
   @property
   def n_head(self) -> int:
     return self.n_embd // self.head_size
+
+  def lora_dim(self, name: str) -> int:
+    return dict(self.lora)[name]
 
   @property
   def state_shape(self) -> tuple[int, int, int, int]:
@@ -31,28 +39,30 @@ class RWKVConfig:
     return (self.n_layer, self.n_head, self.head_size, self.head_size)
 
   def describe(self) -> str:
+    loras = '/'.join(str(d) for _, d in self.lora)
     return (f'RWKV-{self.version} L{self.n_layer} C{self.n_embd} H{self.n_head}x{self.head_size} '
-            f'vocab {self.vocab_size} ffn {self.dim_ffn} lora {self.dim_mix_lora}/{self.dim_decay_lora}')
+            f'vocab {self.vocab_size} ffn {self.dim_ffn} lora {loras}')
 
   @classmethod
   def from_shapes(cls, shapes: dict[str, tuple[int, ...]], source: str = 'checkpoint') -> 'RWKVConfig':
-    """Infers the config from `{key: shape}`; refuses anything that is not an RWKV-6 checkpoint."""
+    """Infers the config from `{key: shape}`; refuses what no module in rwkv_jax/models runs."""
+    from rwkv_jax.models import generation  # pylint: disable=g-import-not-at-top
     if 'emb.weight' not in shapes or not any(k.startswith('blocks.') for k in shapes):
       raise UserError(f'{source} is not an RWKV checkpoint (no emb.weight / blocks.* keys; found {len(shapes)} keys)')
     version = detect_version(shapes)
-    if version != '6':
-      raise UserError(f'{source} is an RWKV-{version} checkpoint; only RWKV-6 (x060) is supported so far')
+    if version not in SUPPORTED:
+      names = ', '.join(f'RWKV-{v} (x0{v}0)' for v in SUPPORTED)
+      raise UserError(f'{source} is an RWKV-{version} checkpoint; supported: {names}')
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r'blocks\.(\d+)\.', k))}
     n_layer = max(layers) + 1
     if layers != set(range(n_layer)):
       raise UserError(f'{source} is missing blocks {sorted(set(range(n_layer)) - layers)}: is the file truncated?')
     vocab_size, n_embd = shapes['emb.weight']
-    n_head, head_size = shapes['blocks.0.att.time_faaaa']
-    return cls(
-        n_layer=n_layer, n_embd=n_embd, head_size=head_size, vocab_size=vocab_size,
-        dim_ffn=shapes['blocks.0.ffn.key.weight'][0],
-        dim_mix_lora=shapes['blocks.0.att.time_maa_w1'][1] // 5,
-        dim_decay_lora=shapes['blocks.0.att.time_decay_w1'][1])
+    try:
+      dims = generation(version).dims_from_shapes(shapes)
+    except KeyError as e:
+      raise UserError(f'{source} lacks {e.args[0]}, a key every RWKV-{version} checkpoint has; is the file truncated?')
+    return cls(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, **dims)
 
 
 def detect_version(shapes) -> str:

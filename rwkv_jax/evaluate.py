@@ -18,45 +18,39 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from rwkv_jax import api, cli, data, model, state_io, train
-from rwkv_jax.config import RWKVConfig
+from rwkv_jax import api, cli, data, state_io, train
+from rwkv_jax.models import RWKV, State, is_embedded
+from rwkv_jax.models.common import initial_state
 
 BASE_LABEL = '(model as loaded)'
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'implementation'))
-def _loss_sum(params, cfg: RWKVConfig, inputs_BxT, targets_BxT, state: model.State, implementation=None):
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_sum(graphdef, weights, inputs_BxT, targets_BxT, state: State):
   """(sum of next-token cross-entropy over targets that are not IGNORE_INDEX, their count)."""
-  x_BxTxC, _ = model.hidden_states(params, cfg, inputs_BxT, state, implementation=implementation)
-  ce_sum, count, _ = train.cross_entropy(params, x_BxTxC, targets_BxT)
+  model = nnx.merge(graphdef, weights)
+  x_BxTxC, _ = model.hidden_states(inputs_BxT, state)
+  ce_sum, count, _ = train.cross_entropy(model.head.weight.get_value(), x_BxTxC, targets_BxT)
   return ce_sum, count
 
 
-def shared_state(model_: api.Model, state_LxHxVxK=None) -> model.State:
-  """One initial state for every sequence: the given WKV (or the model's own) and zero shifts."""
-  state = model.zero_state(model_.cfg)
-  if state_LxHxVxK is not None:
-    return state._replace(wkv=jnp.asarray(state_LxHxVxK, jnp.float32))
-  if model_.default_wkv is not None:
-    return state._replace(wkv=model_.default_wkv.astype(jnp.float32))
-  return state
-
-
-def mean_loss(model_: api.Model, batches, state_LxHxVxK=None) -> tuple[float, int]:
+def mean_loss(model: RWKV, batches, state_LxHxVxK=None) -> tuple[float, int]:
   """Mean next-token loss (nats) over every unmasked target of `batches`, and how many there were.
 
   batches: (inputs_BxT, targets_BxT) pairs, targets IGNORE_INDEX where no loss is taken, inputs
-  token ids or their embedding rows (model.hidden_states).
+  token ids or their embedding rows (RWKV.hidden_states).
   state_LxHxVxK: the initial WKV state shared by every sequence; None: the model's own
-  (zeros, or the state merged into it).
+  (zeros, the state merged into it, or the states being trained).
   """
-  state = shared_state(model_, state_LxHxVxK)
+  wkv = model.initial_wkv() if state_LxHxVxK is None else jnp.asarray(state_LxHxVxK, jnp.float32)
+  state = initial_state(wkv, model.cfg.n_embd)
+  graphdef, weights = nnx.split(model)
   total, count = 0.0, 0
   for inputs_BxT, targets_BxT in batches:
-    inputs_BxT = inputs_BxT if model.is_embedded(inputs_BxT) else jnp.asarray(inputs_BxT, jnp.int32)
-    loss_sum, n = _loss_sum(model_.params, model_.cfg, inputs_BxT,
-                            jnp.asarray(targets_BxT, jnp.int32), state, model_.implementation)
+    inputs_BxT = inputs_BxT if is_embedded(inputs_BxT) else jnp.asarray(inputs_BxT, jnp.int32)
+    loss_sum, n = _loss_sum(graphdef, weights, inputs_BxT, jnp.asarray(targets_BxT, jnp.int32), state)
     total, count = total + float(loss_sum), count + int(n)
   return (total / count if count else float('nan')), count
 
@@ -83,7 +77,7 @@ def eval_batches(sampler: data.Sampler, max_batches: int | None = None):
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='python -m rwkv_jax.evaluate', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--ckpt', '--load_model', required=True, help='RWKV-6 .pth or to-flax directory')
+  parser.add_argument('--ckpt', '--load_model', required=True, help='model: a .pth or to-flax directory')
   parser.add_argument('--data', '--data_file', required=True, help='held-out .jsonl, text or binidx prefix')
   parser.add_argument('--data_type', choices=data.DATA_TYPES, help='default: guessed from the name')
   parser.add_argument('--state', nargs='*', default=[], help='tuned states to compare with the model')

@@ -31,11 +31,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from rwkv_jax import api, cli, model, tokenizer
-from rwkv_jax.config import RWKVConfig
+from rwkv_jax import api, cli, tokenizer
 from rwkv_jax.errors import UserError
-from rwkv_jax.model import State
+from rwkv_jax.models import RWKV, State
+from rwkv_jax.models.common import f32
 
 PENALTY_DECAY = 0.996
 MAX_PROMPT_CHUNK = 1024
@@ -55,11 +56,12 @@ class Sampling:
     return self.temperature == 0 or self.top_k == 1
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'implementation'))
-def _advance(params, cfg: RWKVConfig, tokens_1xT, state: State, implementation=None):
+@functools.partial(jax.jit, static_argnums=0)
+def _advance(graphdef, weights, tokens_1xT, state: State):
   """Feeds tokens; returns the logits after the last one [V] fp32 and the new state."""
-  x_1xTxC, state = model.hidden_states(params, cfg, tokens_1xT, state, implementation=implementation)
-  return model.f32(model.linear(x_1xTxC[0, -1], params['head']['weight'])), state
+  model = nnx.merge(graphdef, weights)
+  x_1xTxC, state = model.hidden_states(tokens_1xT, state)
+  return f32(model.head(x_1xTxC[0, -1])), state
 
 
 def power_of_two_chunks(n: int) -> list[int]:
@@ -69,15 +71,20 @@ def power_of_two_chunks(n: int) -> list[int]:
   return chunks + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
 
 
-def feed(model_: api.Model, tokens, state: State) -> tuple[np.ndarray, State]:
+def feed(model_: RWKV, tokens, state: State) -> tuple[np.ndarray, State]:
   """Runs `tokens` (at least one) through the model from `state`: (last logits [V], state)."""
+  return _feed(nnx.split(model_), tokens, state)
+
+
+def _feed(split, tokens, state: State) -> tuple[np.ndarray, State]:
+  """feed with the model already split into (graphdef, weights): splitting walks every
+  Variable, too slow to do for each generated token."""
   tokens = np.asarray(tokens, np.int32)
   if tokens.size == 0:
     raise UserError('the prompt is empty; give at least one token of text')
   start, logits_V = 0, None
   for length in power_of_two_chunks(tokens.size):
-    chunk_1xT = jnp.asarray(tokens[None, start:start + length])
-    logits_V, state = _advance(model_.params, model_.cfg, chunk_1xT, state, model_.implementation)
+    logits_V, state = _advance(*split, jnp.asarray(tokens[None, start:start + length]), state)
     start += length
   return np.asarray(logits_V, np.float32), state
 
@@ -102,7 +109,7 @@ def sample(logits_V: np.ndarray, sampling: Sampling, rng: np.random.Generator,
   return int(order[rng.choice(keep, p=probs)])
 
 
-def generate(model_: api.Model, prompt_tokens, state: State | None = None,
+def generate(model_: RWKV, prompt_tokens, state: State | None = None,
              sampling: Sampling = Sampling(), max_tokens: int = 200,
              on_token: Callable[[int], None] | None = None, stop: bytes | None = None,
              rng: np.random.Generator | None = None) -> tuple[list[int], State]:
@@ -114,7 +121,8 @@ def generate(model_: api.Model, prompt_tokens, state: State | None = None,
   """
   state = model_.init_state(1) if state is None else state
   rng = np.random.default_rng(sampling.seed) if rng is None else rng
-  logits_V, state = feed(model_, prompt_tokens, state)
+  split = nnx.split(model_)
+  logits_V, state = _feed(split, prompt_tokens, state)
   counts_V = np.zeros(model_.cfg.vocab_size, np.float64)
   tokens = []
   for _ in range(max_tokens):
@@ -127,7 +135,7 @@ def generate(model_: api.Model, prompt_tokens, state: State | None = None,
       on_token(token)
     counts_V *= PENALTY_DECAY
     counts_V[token] += 1
-    logits_V, state = feed(model_, [token], state)
+    logits_V, state = _feed(split, [token], state)
     if stop is not None and stop in tokenizer.decode_bytes(tokens[-len(stop):]):  # >= 1 byte a token
       break
   return tokens, state
@@ -164,7 +172,7 @@ def terminal_lines():
       return
 
 
-def chat(model_: api.Model, state: State, sampling: Sampling, max_tokens: int, preamble: str | None,
+def chat(model_: RWKV, state: State, sampling: Sampling, max_tokens: int, preamble: str | None,
          lines, out=None, echo: bool = True) -> None:
   """The turn-taking loop: each line of `lines` is a user message, answered on `out`.
 
@@ -192,7 +200,7 @@ def chat(model_: api.Model, state: State, sampling: Sampling, max_tokens: int, p
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='python -m rwkv_jax.generate', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--ckpt', '--load_model', required=True, help='RWKV-6 .pth or to-flax directory')
+  parser.add_argument('--ckpt', '--load_model', required=True, help='model: a .pth or to-flax directory')
   parser.add_argument('--state', help='a tuned state (rwkv-N.pth, .state, trainer checkpoint dir)')
   parser.add_argument('--prompt', help='the text to continue (with --chat: fed before the first turn)')
   parser.add_argument('--chat', action='store_true', help='answer stdin lines as User/Assistant turns')

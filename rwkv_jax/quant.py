@@ -15,8 +15,8 @@ no expanded copy of the weight is made; an embedding lookup expands only its row
 A quantized weight is a small pytree (codes and scales) that passes through jit
 and remat like any param. int8 row scales are fp32; NF4 block scales are bf16 (a few percent of the storage either way).
 
-  params = quant.quantize_params(params, 'nf4')   # then train as usual
-  w_OxI = quant.dense(params['blocks'][0]['att']['key']['weight'])   # layer 0's [O, I] back
+  quant.quantize_model(model, 'nf4')   # then train as usual
+  w_OxI = quant.dense(model.blocks[0].att.key.weight.get_value())   # layer 0's [O, I] back
 """
 import dataclasses
 
@@ -26,9 +26,6 @@ import numpy as np
 
 MODES = ('int8', 'nf4')
 BLOCK = 64  # NF4 block length along the input dim.
-# The weights RWKV-PEFT quantizes: every time-mix and channel-mix projection.
-MATRICES = (('att', 'receptance'), ('att', 'key'), ('att', 'value'), ('att', 'gate'), ('att', 'output'),
-            ('ffn', 'key'), ('ffn', 'receptance'), ('ffn', 'value'))
 # Quantiles of N(0, 1) scaled to [-1, 1] with an exact zero (Dettmers et al. 2023, QLoRA).
 NF4_LEVELS = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -142,18 +139,21 @@ def quantize(w, mode: str):
   return Int8Weight(data, scale, dtype) if mode == 'int8' else NF4Weight(data, scale, dtype, I)
 
 
-def quantize_params(params: dict, mode: str) -> dict:
-  """Quantizes the time-mix and channel-mix matrices (to `mode`) and the embedding and head (int8).
+def quantize_model(model, mode: str):
+  """Quantizes the model's projection matrices (the generation's QUANTIZED, to `mode`) and its
+  embedding and head (int8), in place; returns the model.
 
-  The tree's dicts are updated in place, so each dense original can be freed as soon
-  as its quantized copy exists (a 7B model never has both in memory); returns `params`.
-  Norms, mixes, decays and the LoRA-style matrices stay as they are.
+  Each matrix is replaced as soon as its quantized copy exists, so a 7B model never has both
+  in memory. Norms, mixes, decays and the LoRA-style matrices stay as they are.
   """
+  from rwkv_jax.models import generation  # pylint: disable=g-import-not-at-top
   if mode == 'none':
-    return params
-  for block in params['blocks']:
-    for group, name in MATRICES:
-      block[group][name]['weight'] = quantize(block[group][name]['weight'], mode)
-  for name in ('emb', 'head'):
-    params[name]['weight'] = quantize(params[name]['weight'], 'int8')
-  return params
+    return model
+  for block in model.blocks:
+    for group, name in generation(model.cfg.version).QUANTIZED:
+      weight = getattr(getattr(block, group), name).weight
+      weight.set_value(quantize(weight.get_value(), mode))
+  for module in (model.emb, model.head):
+    if module is not None:
+      module.weight.set_value(quantize(module.weight.get_value(), 'int8'))
+  return model

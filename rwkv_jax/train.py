@@ -1,10 +1,13 @@
 """The state-tuning step: loss, learning-rate schedules, optimizer, one jitted update.
 
-The trainable tree is the model's initial State (WKV matrices and token-shift
-vectors, shared by every sequence); the weights are a plain argument that is
-never differentiated, so weight gradients are never formed. An optax partition
-trains the WKV matrices (clip at global norm 1.0, then Adam on the schedule) and
-holds the token shifts at zero, as RWKV-PEFT and every state consumer do.
+State tuning is a filter on the model's Variables: the model is split by type
+(`nnx.split(model, WKVState, ...)`) into its initial WKV states, which are
+trained, and its weights, a plain argument that is never differentiated, so
+weight gradients are never formed. The optimizer is an optax partition by the
+same type: WKVState gets clip-at-global-norm 1.0 then Adam on the schedule,
+anything else `set_to_zero` (so it also holds the weights still if given the
+whole model's state). Token shifts start at zero, as RWKV-PEFT and every state
+consumer have them.
 """
 import functools
 import math
@@ -14,18 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
-from rwkv_jax import model, quant
+from rwkv_jax import quant
 from rwkv_jax.data import IGNORE_INDEX as IGNORE
-from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model import State
+from rwkv_jax.models import RWKV, WKVState
+from rwkv_jax.models.common import f32, linear
 
 L2WRAP = 1e-4  # RWKV's L2Wrap factor: pushes the largest logit of every position towards 0.
 
 
 class TrainState(NamedTuple):
   step: jax.Array
-  init_state: State  # fp32 master copy, no batch axis
+  states: nnx.State  # the model's WKVState Variables: the fp32 master copy of what is trained
   opt_state: optax.OptState
 
 
@@ -56,18 +60,32 @@ def schedule(kind: str, lr_init: float, lr_final: float, warmup_steps: int, tota
 
 def optimizer(lr_schedule, beta1=0.9, beta2=0.99, adam_eps=1e-8) -> optax.GradientTransformation:
   trained = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr_schedule, beta1, beta2, adam_eps))
-  labels = State(wkv='trained', att_shift='frozen', ffn_shift='frozen')
-  return optax.multi_transform({'trained': trained, 'frozen': optax.set_to_zero()}, labels)
+  return optax.multi_transform({'trained': trained, 'frozen': optax.set_to_zero()}, _labels)
 
 
-def init_train_state(cfg: RWKVConfig, opt: optax.GradientTransformation, wkv_LxHxVxK=None) -> TrainState:
-  init_state = model.zero_state(cfg)
-  if wkv_LxHxVxK is not None:  # e.g. a merged checkpoint's time_state: continue from it.
-    init_state = init_state._replace(wkv=jnp.asarray(wkv_LxHxVxK, jnp.float32))
-  return TrainState(jnp.zeros((), jnp.int32), init_state, opt.init(init_state))
+def _labels(tree):
+  """'trained' for WKVState Variables, 'frozen' for every other leaf."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda x: 'trained' if isinstance(x, WKVState) else 'frozen', tree, is_leaf=is_variable)
 
 
-def cross_entropy(params, x_BxTxC, targets_BxT, chunk=128):
+def split(model: RWKV):
+  """(graphdef, the WKV states that are trained, the weights): the model by Variable type."""
+  return nnx.split(model, WKVState, ...)
+
+
+def init_train_state(states: nnx.State, opt: optax.GradientTransformation) -> TrainState:
+  """Starts from the model's own WKV states: zeros, or a merged checkpoint's (continued, as RWKV-PEFT does)."""
+  return TrainState(jnp.zeros((), jnp.int32), states, opt.init(states))
+
+
+def wkv_array(states: nnx.State) -> np.ndarray:
+  """The WKV states of `split` as one [L, H, V, K] fp32 array (what state files hold)."""
+  blocks = nnx.to_pure_dict(states)['blocks']
+  return np.stack([np.asarray(blocks[i]['att']['time_state'], np.float32) for i in range(len(blocks))])
+
+
+def cross_entropy(head_VxC, x_BxTxC, targets_BxT, chunk=128):
   """(sum of CE over unmasked targets, count, L2Wrap term), never holding [B, T, V] in fp32.
 
   The head runs over `chunk` positions at a time, and under differentiation each
@@ -79,15 +97,14 @@ def cross_entropy(params, x_BxTxC, targets_BxT, chunk=128):
   pad = -n % chunk
   x_NxC = jnp.pad(x_BxTxC.reshape(n, C), ((0, pad), (0, 0)))
   targets_N = jnp.pad(targets_BxT.reshape(n), (0, pad), constant_values=IGNORE)
-  head = params['head']['weight']
-  sums = jax.lax.map(lambda xs: _chunk_losses(xs[0], head, xs[1]),
+  sums = jax.lax.map(lambda xs: _chunk_losses(xs[0], head_VxC, xs[1]),
                      (x_NxC.reshape(-1, chunk, C), targets_N.reshape(-1, chunk)))
   ce_sum, count, l2_sum = (s.sum() for s in sums)
   return ce_sum, count, L2WRAP * l2_sum / n
 
 
 def _logits(x_KxC, head):
-  return model.f32(model.linear(x_KxC, head))
+  return f32(linear(x_KxC, head))
 
 
 def _losses(logits_KxV, targets_K):
@@ -120,53 +137,54 @@ def _chunk_losses_fwd(x_KxC, head, targets_K):
 def _chunk_losses_bwd(residuals, cotangents):
   dx_ce_KxC, rows_KxC, max_logit_K = residuals
   d_ce, _, d_l2 = cotangents
-  dx_KxC = d_ce * model.f32(dx_ce_KxC) + d_l2 * max_logit_K[:, None] * model.f32(rows_KxC)
+  dx_KxC = d_ce * f32(dx_ce_KxC) + d_l2 * max_logit_K[:, None] * f32(rows_KxC)
   return dx_KxC, None, None
 
 
 _chunk_losses.defvjp(_chunk_losses_fwd, _chunk_losses_bwd)
 
 
-def loss_fn(init_state: State, params, cfg: RWKVConfig, inputs_BxT, targets_BxT, implementation=None,
-            remat=True):
+def loss_fn(states: nnx.State, graphdef, weights: nnx.State, inputs_BxT, targets_BxT, remat=True):
   """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not."""
-  x_BxTxC, _ = model.hidden_states(params, cfg, inputs_BxT, init_state, implementation=implementation, remat=remat)
-  ce_sum, count, l2wrap = cross_entropy(params, x_BxTxC, targets_BxT)
+  model = nnx.merge(graphdef, states, weights)
+  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat)
+  ce_sum, count, l2wrap = cross_entropy(model.head.weight.get_value(), x_BxTxC, targets_BxT)
   ce = ce_sum / jnp.maximum(count, 1)
   return ce + l2wrap - jax.lax.stop_gradient(l2wrap)
 
 
-def host_embedding(params) -> tuple[dict, object]:
-  """(params without the embedding, the embedding as numpy in host memory).
+def host_embedding(model: RWKV):
+  """Takes the embedding out of the model and returns it as numpy, in host memory.
 
   A step uses only the embedding rows of its tokens, and state tuning never
   differentiates them, so the trainer gathers them on the host
   (`quant.take_rows(embedding, tokens)`) and the table never takes GPU memory:
   0.27 GB of a bf16 1.6B model, 0.54 GB of a 7B.
   """
-  embedding = jax.tree.map(np.asarray, params['emb']['weight'])
-  return {k: v for k, v in params.items() if k != 'emb'}, embedding
+  embedding = jax.tree.map(np.asarray, model.emb.weight.get_value())
+  model.emb = None
+  return embedding
 
 
-def make_train_step(cfg: RWKVConfig, opt: optax.GradientTransformation, implementation=None, remat=True):
-  """step(train_state, params, inputs [A, B, T], targets [A, B, T]) -> (train_state, loss).
+def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True):
+  """step(train_state, weights, inputs [A, B, T], targets [A, B, T]) -> (train_state, loss).
 
-  inputs: token ids, or their embedding rows (see host_embedding). A > 1
-  accumulates gradients over A micro-batches (mean). A non-finite loss leaves
-  the train state unchanged, so the caller still holds the last good one.
+  graphdef, weights: from `split`. inputs: token ids, or their embedding rows (see
+  host_embedding). A > 1 accumulates gradients over A micro-batches (mean). A non-finite
+  loss leaves the train state unchanged, so the caller still holds the last good one.
   """
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def step(train_state: TrainState, params, inputs_AxBxT, targets_AxBxT):
+  def step(train_state: TrainState, weights, inputs_AxBxT, targets_AxBxT):
     def micro_batch(grads_sum, batch):
-      loss, grads = grad_fn(train_state.init_state, params, cfg, *batch, implementation, remat)
+      loss, grads = grad_fn(train_state.states, graphdef, weights, *batch, remat)
       return jax.tree.map(jnp.add, grads_sum, grads), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, train_state.init_state)
+    zeros = jax.tree.map(jnp.zeros_like, train_state.states)
     grads_sum, losses = jax.lax.scan(micro_batch, zeros, (inputs_AxBxT, targets_AxBxT))
     grads = jax.tree.map(lambda g: g / targets_AxBxT.shape[0], grads_sum)
-    updates, opt_state = opt.update(grads, train_state.opt_state, train_state.init_state)
-    updated = TrainState(train_state.step + 1, optax.apply_updates(train_state.init_state, updates), opt_state)
+    updates, opt_state = opt.update(grads, train_state.opt_state, train_state.states)
+    updated = TrainState(train_state.step + 1, optax.apply_updates(train_state.states, updates), opt_state)
     loss = losses.mean()
     finite = jnp.isfinite(loss)
     return jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, train_state), loss

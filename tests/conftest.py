@@ -9,6 +9,13 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 from rwkv_jax import checkpoint, synthetic  # pylint: disable=g-import-not-at-top
+from rwkv_jax.models import RWKV  # pylint: disable=g-import-not-at-top
+
+
+def random_model(cfg=synthetic.TINY, seed=0, dtype=np.float32, implementation=None) -> RWKV:
+  """An RWKV model with random weights in the official layout, built without a file."""
+  tensors = synthetic.random_checkpoint(cfg, seed=seed, dtype=dtype)
+  return RWKV(cfg, checkpoint.params_from_tensors(tensors, cfg), implementation)
 
 
 @pytest.fixture

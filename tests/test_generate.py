@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import rwkv_jax
-from rwkv_jax import checkpoint, cli, data, evaluate, generate, model, state_io, synthetic, tokenizer
+from rwkv_jax import checkpoint, cli, data, evaluate, generate, state_io, synthetic, tokenizer
+from rwkv_jax.models.common import initial_state
 from rwkv_jax.config import RWKVConfig
 from tests.conftest import assert_one_line_error
 
@@ -113,8 +114,7 @@ def test_mean_loss_is_the_cross_entropy_of_the_model(files, tiny_model):
 
   total, expected_count = 0.0, 0
   for inputs_BxT, targets_BxT in evaluate.eval_batches(sampler):
-    state = model.zero_state(tiny_model.cfg, inputs_BxT.shape[0])
-    state = state._replace(wkv=np.broadcast_to(wkv_LxHxVxK[:, None], state.wkv.shape))
+    state = initial_state(wkv_LxHxVxK, tiny_model.cfg.n_embd, inputs_BxT.shape[0])
     logits_BxTxV, _ = tiny_model.forward(inputs_BxT, state)
     log_probs = log_softmax(np.asarray(logits_BxTxV, np.float64))
     valid = targets_BxT != data.IGNORE_INDEX

@@ -9,18 +9,19 @@ import pytest
 import rwkv_jax
 from rwkv_jax import checkpoint
 from rwkv_jax.config import RWKVConfig
+from rwkv_jax.models.common import initial_state
 from tests.conftest import rwkv_package_model
 
 # Logits of every position must agree within this fraction of their largest magnitude (fp32).
 TOLERANCE = 2e-4
 
 CONFIGS = {
-    'H2_world_vocab': RWKVConfig(n_layer=2, n_embd=128, head_size=64, vocab_size=65536, dim_ffn=448,
-                                 dim_mix_lora=32, dim_decay_lora=64),
-    'H3_pile_vocab': RWKVConfig(n_layer=3, n_embd=192, head_size=64, vocab_size=50277, dim_ffn=672,
-                                dim_mix_lora=32, dim_decay_lora=64),
-    'H4_7B_lora_dims': RWKVConfig(n_layer=2, n_embd=256, head_size=64, vocab_size=4096, dim_ffn=896,
-                                  dim_mix_lora=64, dim_decay_lora=128),
+    'H2_world_vocab': RWKVConfig(version='6', n_layer=2, n_embd=128, head_size=64, vocab_size=65536, dim_ffn=448,
+                                 lora=(('mix', 32), ('decay', 64))),
+    'H3_pile_vocab': RWKVConfig(version='6', n_layer=3, n_embd=192, head_size=64, vocab_size=50277, dim_ffn=672,
+                                lora=(('mix', 32), ('decay', 64))),
+    'H4_7B_lora_dims': RWKVConfig(version='6', n_layer=2, n_embd=256, head_size=64, vocab_size=4096, dim_ffn=896,
+                                  lora=(('mix', 64), ('decay', 128))),
 }
 
 
@@ -62,7 +63,7 @@ def test_nonzero_merged_time_state_is_the_default_initial_state(write_checkpoint
   logits, _ = ours.forward(tokens)
   assert_logits_close(logits, ref_logits.numpy())
   # The state must matter, or this test would pass with it ignored.
-  zero_logits, _ = ours.forward(tokens, rwkv_jax.model.zero_state(ours.cfg, 1))
+  zero_logits, _ = ours.forward(tokens, initial_state(np.zeros(ours.cfg.state_shape), ours.cfg.n_embd, 1))
   assert np.abs(np.asarray(zero_logits) - ref_logits.numpy()).max() > 100 * TOLERANCE * np.abs(ref_logits.numpy()).max()
 
 

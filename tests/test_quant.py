@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
-from rwkv_jax import checkpoint, model, quant, synthetic, train
+from rwkv_jax import quant, synthetic, train
+from rwkv_jax.models import generation
+from tests.conftest import random_model
 
 # TINY with a small vocabulary: a 65536-row embedding and head would only slow
 # these tests down.
@@ -29,9 +32,8 @@ CFG = dataclasses.replace(synthetic.TINY, vocab_size=1024)
 LOGIT_ERROR_PER_WEIGHT_ERROR = 4.0 * np.sqrt(2)
 
 
-def bf16_params(seed):
-  params = checkpoint.params_from_tensors(synthetic.random_checkpoint(CFG, seed), CFG)
-  return jax.tree.map(lambda p: np.asarray(p).astype(ml_dtypes.bfloat16), params)
+def bf16_model(seed):
+  return random_model(CFG, seed, ml_dtypes.bfloat16)
 
 
 def weight_matrix(rng, shape):
@@ -83,30 +85,31 @@ def test_nf4_error_is_at_most_half_the_gap_between_levels(n_in):
 @pytest.mark.parametrize('mode', quant.MODES)
 def test_quantized_model_logits_stay_close(mode):
   tokens_BxT = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 32))
-  forward = jax.jit(lambda p: model.forward(p, CFG, tokens_BxT, model.zero_state(CFG))[0])
   for seed in (0, 1):
-    params = bf16_params(seed)
-    reference = forward(params)
-    weight = params['blocks'][1]['ffn']['key']['weight']
-    quantized = quant.quantize_params(jax.tree.map(lambda p: p, params), mode)
-    weight_error = relative_rms(quant.dense(quantized['blocks'][1]['ffn']['key']['weight'], jnp.float32),
+    model = bf16_model(seed)
+    reference = model.forward(tokens_BxT)[0]
+    weight = np.asarray(model.blocks[1].ffn.key.weight.get_value())
+    quant.quantize_model(model, mode)
+    weight_error = relative_rms(quant.dense(model.blocks[1].ffn.key.weight.get_value(), jnp.float32),
                                 weight.astype(np.float32))
     assert weight_error < {'int8': 0.01, 'nf4': 0.12}[mode]
-    assert relative_rms(forward(quantized), reference) < LOGIT_ERROR_PER_WEIGHT_ERROR * weight_error
+    assert relative_rms(model.forward(tokens_BxT)[0], reference) < LOGIT_ERROR_PER_WEIGHT_ERROR * weight_error
 
 
-def test_quantize_params_touches_only_the_matrices():
-  dense = bf16_params(0)
-  emb = dense['emb']['weight'].copy()
-  params = quant.quantize_params(dense, 'nf4')
-  quantized = {path for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=quant.is_quantized)
+def test_quantize_model_touches_only_the_matrices():
+  model = bf16_model(0)
+  emb = np.asarray(model.emb.weight.get_value()).copy()
+  quant.quantize_model(model, 'nf4')
+  weights = nnx.state(model, nnx.Param)
+  quantized = {path for path, leaf in jax.tree_util.tree_leaves_with_path(weights, is_leaf=quant.is_quantized)
                if quant.is_quantized(leaf)}
-  assert len(quantized) == len(quant.MATRICES) * CFG.n_layer + 2
-  assert all(isinstance(b['ffn']['key']['weight'], quant.NF4Weight) for b in params['blocks'])
-  assert isinstance(params['emb']['weight'], quant.Int8Weight) and isinstance(params['head']['weight'], quant.Int8Weight)
-  assert isinstance(params['blocks'][0]['att']['time_maa_w1'], np.ndarray)
+  assert len(quantized) == len(generation(CFG.version).QUANTIZED) * CFG.n_layer + 2
+  assert all(isinstance(b.ffn.key.weight.get_value(), quant.NF4Weight) for b in model.blocks)
+  assert isinstance(model.emb.weight.get_value(), quant.Int8Weight)
+  assert isinstance(model.head.weight.get_value(), quant.Int8Weight)
+  assert not quant.is_quantized(model.blocks[0].att.time_maa_w1.get_value())
   ids = np.array([[3, 0, 1023]])
-  rows = np.asarray(quant.dense(quant.take_rows(params['emb']['weight'], ids)), np.float32)
+  rows = np.asarray(quant.dense(quant.take_rows(model.emb.weight.get_value(), ids)), np.float32)
   assert rows.shape == (1, 3, CFG.n_embd)
   assert relative_rms(rows, emb[ids].astype(np.float32)) < 0.01
 
@@ -122,15 +125,15 @@ def test_quantize_works_a_block_of_rows_at_a_time(monkeypatch):
 
 
 def test_state_tuning_a_quantized_model_lowers_the_loss():
-  params = quant.quantize_params(bf16_params(0), 'nf4')
+  graphdef, states, weights = train.split(quant.quantize_model(bf16_model(0), 'nf4'))
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 100))
-  train_state = train.init_train_state(CFG, opt)
-  step = train.make_train_step(CFG, opt, remat=False)
+  train_state = train.init_train_state(states, opt)
+  step = train.make_train_step(graphdef, opt, remat=False)
   tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 1, 33))
   inputs, targets = tokens[..., :-1], tokens[..., 1:]
   losses = []
   for _ in range(20):
-    train_state, loss = step(train_state, params, inputs, targets)
+    train_state, loss = step(train_state, weights, inputs, targets)
     losses.append(float(loss))
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.7 * losses[0], losses

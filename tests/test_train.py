@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import train_state
+from flax import nnx
+
 from rwkv_jax import checkpoint, cli, data, quant, state_io, synthetic, train
-from tests.conftest import assert_one_line_error
+from rwkv_jax.models import WKVState
+from tests.conftest import assert_one_line_error, random_model
 
 TRAIN = [sys.executable, 'train_state.py']
 
@@ -38,59 +41,78 @@ def jsonl_data(tmp_path):
 
 def test_loss_falls_and_only_the_state_changes():
   cfg = synthetic.TINY
-  params = jax.tree.map(jnp.asarray, checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=3), cfg))
-  before = jax.tree.map(np.array, params)
+  model = random_model(cfg, seed=3)
+  graphdef, states, weights = train.split(model)
+  before = jax.tree.map(np.array, weights)
   # 60 steps at a high learning rate: over 12 random sequences the loss ends at 0.41-0.47x its
   # start (after only 25 steps of a schedule ending at step 40 it was 0.53-0.60x: flaky).
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 5, 200))
-  state = train.init_train_state(cfg, opt)
-  step = train.make_train_step(cfg, opt)
+  state = train.init_train_state(states, opt)
+  step = train.make_train_step(graphdef, opt)
   sequence = np.random.default_rng().integers(0, cfg.vocab_size, 33)
   inputs = np.broadcast_to(sequence[:-1], (1, 2, 32)).astype(np.int32)
   targets = np.broadcast_to(sequence[1:], (1, 2, 32)).astype(np.int32)
   losses = []
   for _ in range(60):
-    state, loss = step(state, params, inputs, targets)
+    state, loss = step(state, weights, inputs, targets)
     losses.append(float(loss))
   assert losses[-1] < 0.6 * losses[0], losses
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, params))
-  assert np.abs(np.asarray(state.init_state.wkv)).max() > 0.1
-  np.testing.assert_array_equal(state.init_state.att_shift, 0)  # token shifts are not tuned
-  np.testing.assert_array_equal(state.init_state.ffn_shift, 0)
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, weights))
+  assert np.abs(train.wkv_array(state.states)).max() > 0.1
+
+
+def test_the_optimizer_moves_only_wkv_states_whatever_it_is_given():
+  """The partition is by Variable type: handed the whole model's state, Adam moves the WKV states
+  and set_to_zero holds every weight."""
+  model = random_model(seed=2)
+  everything = nnx.state(model)
+  opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 0, 10))
+  grads = jax.tree.map(jnp.ones_like, everything)
+  updates, _ = opt.update(grads, opt.init(everything), everything)
+  moved = nnx.to_pure_dict(nnx.state(model, WKVState))
+  for path, update in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(updates)):
+    trained = any(getattr(key, 'key', None) == 'time_state' for key in path)
+    assert (np.abs(np.asarray(update)).max() > 0) == trained, path
+  assert moved['blocks'][0]['att']['time_state'].shape == (2, 64, 64)
 
 
 def test_gradient_accumulation_equals_the_mean_of_micro_batches():
   cfg = synthetic.TINY
-  params = jax.tree.map(jnp.asarray, checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=4), cfg))
+  model = random_model(cfg, seed=4)
+  for block in model.blocks:
+    block.att.time_state.set_value(jnp.asarray(np.random.default_rng().normal(0, 0.3, block.att.time_state.shape),
+                                               jnp.float32))
+  graphdef, states, weights = train.split(model)
   tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 1, 17)).astype(np.int32)
-  state = train.model.zero_state(cfg)._replace(wkv=jnp.asarray(np.random.default_rng().normal(0, 0.3, cfg.state_shape),
-                                                                     jnp.float32))
-  grad = lambda i, t: jax.grad(lambda s: train.loss_fn(s, params, cfg, i, t))(state).wkv
+  grad = lambda i, t: train.wkv_array(jax.grad(train.loss_fn)(states, graphdef, weights, i, t))
   per_batch = [grad(tokens[a, :, :-1], tokens[a, :, 1:]) for a in range(2)]
   # Capture the accumulated gradient through an SGD step with lr 1 and no clipping.
-  opt = train.optax.multi_transform({'trained': train.optax.sgd(1.0), 'frozen': train.optax.set_to_zero()},
-                                    train.State('trained', 'frozen', 'frozen'))
-  ts = train.TrainState(jnp.zeros((), jnp.int32), state, opt.init(state))
-  before = np.array(state.wkv)  # the step donates (deletes) its input state
-  new, _ = train.make_train_step(cfg, opt)(ts, params, tokens[:, :, :-1], tokens[:, :, 1:])
-  np.testing.assert_allclose(before - new.init_state.wkv, (per_batch[0] + per_batch[1]) / 2, rtol=1e-4, atol=1e-7)
+  opt = train.optax.sgd(1.0)
+  ts = train.TrainState(jnp.zeros((), jnp.int32), states, opt.init(states))
+  before = train.wkv_array(states)  # the step donates (deletes) its input state
+  new, _ = train.make_train_step(graphdef, opt)(ts, weights, tokens[:, :, :-1], tokens[:, :, 1:])
+  np.testing.assert_allclose(before - train.wkv_array(new.states), (per_batch[0] + per_batch[1]) / 2,
+                             rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize('quant_mode', ['none', 'int8'])
 def test_step_on_host_gathered_embedding_rows_equals_step_on_tokens(quant_mode):
   """The trainer keeps the embedding on the host and feeds the step its rows: same loss, same update."""
   cfg = synthetic.TINY
-  params = checkpoint.params_from_tensors(synthetic.random_checkpoint(cfg, seed=5, dtype=jnp.bfloat16), cfg)
-  params = quant.quantize_params(params, quant_mode) if quant_mode != 'none' else params
-  device_params, embedding = train.host_embedding(params)
-  assert 'emb' not in device_params and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(embedding))
   tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 2, 17)).astype(np.int32)
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 5, 200))
-  step = train.make_train_step(cfg, opt)
   results = []
-  for p, inputs in ((params, tokens[..., :-1]), (device_params, quant.take_rows(embedding, tokens[..., :-1]))):
-    state, loss = step(train.init_train_state(cfg, opt), jax.tree.map(jnp.asarray, p), inputs, tokens[..., 1:])
-    results.append((float(loss), np.asarray(state.init_state.wkv)))
+  for on_host in (False, True):
+    model = quant.quantize_model(random_model(cfg, seed=5, dtype=ml_dtypes.bfloat16), quant_mode)
+    inputs = tokens[..., :-1]
+    if on_host:
+      embedding = train.host_embedding(model)
+      assert model.emb is None and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(embedding))
+      inputs = quant.take_rows(embedding, inputs)
+    graphdef, states, weights = train.split(model)
+    step = train.make_train_step(graphdef, opt)
+    state, loss = step(train.init_train_state(states, opt), weights, inputs, tokens[..., 1:])
+    results.append((float(loss), train.wkv_array(state.states)))
   assert results[0][0] == results[1][0]
   np.testing.assert_array_equal(results[0][1], results[1][1])
 
