@@ -42,13 +42,11 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # before jax: p
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import collections
 import dataclasses
-import datetime
 import functools
 import importlib
 import importlib.metadata
 import json
 import pathlib
-import platform
 import re
 import shutil
 import statistics
@@ -62,6 +60,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import report  # pylint: disable=g-import-not-at-top
 from rwkv_jax.config import RWKVConfig  # pylint: disable=g-import-not-at-top
 from rwkv_jax.synthetic import TINY  # pylint: disable=g-import-not-at-top
 
@@ -333,17 +332,6 @@ def make_row(case: Case, impl: str, result: dict, peak_flops: float) -> dict:
   return row
 
 
-def versions() -> dict:
-  found = {'python': platform.python_version()}
-  for package in ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'optax', 'torch', 'triton',
-                  'flash-linear-attention', 'fla-core', 'rwkv-fla'):
-    try:
-      found[package] = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return found
-
-
 def fmt(value, spec):
   return '—' if value is None else format(value, spec)
 
@@ -358,9 +346,9 @@ def faster_peer(peers: list[dict]) -> dict:
   return max(timed, key=lambda row: row['tok_s']) if timed else {}
 
 
-def peer_note(report: dict) -> str:
-  peer = report.get('peer') or {}
-  rows = [r for r in report['results'] if r['impl'].startswith(PEER_PREFIX)]
+def peer_note(record: dict) -> str:
+  peer = record.get('peer') or {}
+  rows = [r for r in record['results'] if r['impl'].startswith(PEER_PREFIX)]
   fla = next((r['versions']['rwkv-fla'] for r in rows if 'rwkv-fla' in (r.get('versions') or {})), None)
   lora = next((r['lora'] for r in rows if r.get('lora')), None)
   return (f'Peer: RWKV-PEFT\'s own state-tuning step ({peer.get("commit") or "commit unknown"}, '
@@ -372,17 +360,17 @@ def peer_note(report: dict) -> str:
              'in its first x070 row); rwkv-jax\'s rows use the widths of their MODELS entry.' if lora else ''))
 
 
-def markdown(report: dict) -> str:
-  rows = report['results']
-  ops = (report.get('peer') or {}).get('ops', [])
+def markdown(record: dict) -> str:
+  rows = record['results']
+  ops = (record.get('peer') or {}).get('ops', [])
   find = lambda impl, case: next((r for r in rows if r['impl'] == impl and case_of(r) == case), None) or {}
   peer_heads = ''.join(f'| RWKV-PEFT ({op}) tok/s | RWKV-PEFT ({op}) peak GB ' for op in ops)
-  lines = [f'# State-tuning step: rwkv-jax vs RWKV-PEFT ({report["card"]}, {report["date"]})', '',
-           f'Peak used for MFU: {report["peak_tflops"]:.0f} TFLOP/s ({report["peak_source"]}). '
-           'Quantized rows are compared with the peer\'s bf16 row of the same shape. ' + peer_note(report)
-           + (f' Configurations spread over {report["gpus"]} GPUs of one machine, one process per GPU at a time.'
-              if report.get('gpus', 1) > 1 else '')
-           + (' rwkv-jax decays as RWKV-6 initialises them (--init_decays).' if report.get('decays') == 'init' else ''),
+  lines = [f'# State-tuning step: rwkv-jax vs RWKV-PEFT ({record["card"]}, {record["date"]})', '',
+           f'Peak used for MFU: {record["peak_tflops"]:.0f} TFLOP/s ({record["peak_source"]}). '
+           'Quantized rows are compared with the peer\'s bf16 row of the same shape. ' + peer_note(record)
+           + (f' Configurations spread over {record["gpus"]} GPUs of one machine, one process per GPU at a time.'
+              if record.get('gpus', 1) > 1 else '')
+           + (' rwkv-jax decays as RWKV-6 initialises them (--init_decays).' if record.get('decays') == 'init' else ''),
            '',
            f'| config | WKV | rwkv-jax tok/s | rwkv-jax peak GB {peer_heads}| speed vs faster peer '
            '| memory vs that peer | rwkv-jax MFU | rwkv-jax compile s | peer first step s |',
@@ -481,23 +469,17 @@ def main():
     thread.join()
 
   card = device.get('card') or 'unknown'
-  date = datetime.date.today().isoformat()
-  report = {'card': card, 'date': date, 'versions': versions(), 'peak_tflops': peak_flops / 1e12,
+  date = report.today()
+  record = {'card': card, 'date': date, 'versions': report.versions(), 'peak_tflops': peak_flops / 1e12,
             'peak_source': source, 'decays': 'init' if args.init_decays else 'random', 'gpus': len(gpus),
             'flops_per_token': 'matmul params (body + head) x 2 x (3 if grad_cp else 2)', 'results': rows}
   if 'peer' in impls:
     commit = next((r['peer'] for r in rows if r['impl'].startswith(PEER_PREFIX) and r.get('peer')), None)
-    report['peer'] = {'checkout': str(args.peft_repo), 'commit': commit, 'ops': peer_ops}
-  stem = f'train_step_{re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")}_{date}'
-  stem += '_init-decays' if args.init_decays else ''
-  table = markdown(report)
-  for out in args.out:
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f'{stem}.json').write_text(json.dumps(report, indent=2))
-    (out / f'{stem}.md').write_text(table)
+    record['peer'] = {'checkout': str(args.peft_repo), 'commit': commit, 'ops': peer_ops}
+  table = markdown(record)
+  report.write(args.out, report.stem('train_step', card, date) + ('_init-decays' if args.init_decays else ''),
+               record, table)
   print(table)
-
 
 if __name__ == '__main__':
   main()

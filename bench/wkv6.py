@@ -14,10 +14,7 @@ shape.
 """
 import argparse
 import dataclasses
-import datetime
 import functools
-import importlib.metadata
-import json
 import pathlib
 import re
 import sys
@@ -28,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import report  # pylint: disable=g-import-not-at-top
 from pallas_kernels.wkv6 import wkv6  # pylint: disable=g-import-not-at-top
 from pallas_kernels.wkv6_pallas import Config, default_config, wkv6_pallas  # pylint: disable=g-import-not-at-top
 
@@ -107,18 +105,6 @@ def bench_fla(shape):
       fwd_bwd, warmup=25, rep=200, grad_to_none=leaves, return_mode='median'))
 
 
-def _versions():
-  names = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'torch', 'triton',
-           'flash-linear-attention', 'fla-core')
-  out = {}
-  for name in names:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
-
-
 def _table(results):
   lines = ['| impl | B | T | H | K | fwd ms | fwd+bwd ms |', '|---|---|---|---|---|---|---|']
   fmt = lambda x: '—' if x is None else f'{x:.3f}'
@@ -187,14 +173,10 @@ def registers(shape, compute_capability=None):
           f'shared={build.shared_bytes}', flush=True)
 
 
-def write_results(out_dirs, stem, record):
-  table = _table(record['results'])
-  for out in out_dirs:
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f'{stem}.json').write_text(json.dumps(record, indent=2) + '\n')
-    (out / f'{stem}.md').write_text(f'# WKV-6 on {record["card"]}, {record["date"]}\n\n{table}\n\n'
-                                    f'versions: {record["versions"]}\n')
+def write_results(out_dirs, name, record):
+  markdown = (f'# WKV-6 on {record["card"]}, {record["date"]}\n\n{_table(record["results"])}\n\n'
+              f'versions: {record["versions"]}\n')
+  report.write(out_dirs, name, record, markdown)
 
 
 def main():
@@ -216,8 +198,8 @@ def main():
     return
 
   card = jax.devices()[0].device_kind
-  date = datetime.date.today().isoformat()
-  stem = f"wkv6_{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}_{date}"
+  date = report.today()
+  stem = report.stem('wkv6', card, date)
   results = []
   for shape in shapes:
     B, T, H, K = shape
@@ -233,7 +215,7 @@ def main():
       results.append(dict(impl=impl, B=B, T=T, H=H, K=K, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
       print(results[-1], flush=True)
       # Written after every row, so a run cut short by its time limit keeps what it measured.
-      write_results(args.out, stem, dict(card=card, date=date, versions=_versions(), results=results))
+      write_results(args.out, stem, dict(card=card, date=date, versions=report.versions(), results=results))
   print(_table(results))
   if args.sweep:
     for shape in shapes:

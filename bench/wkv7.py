@@ -22,12 +22,8 @@ worst relative error, ||x - ref|| / ||ref|| over y, the final state and every
 gradient, against the fp32 `scan` at (2, 256, 4, 64), same inputs.
 """
 import argparse
-import datetime
 import functools
-import importlib.metadata
-import json
 import pathlib
-import re
 import sys
 import time
 
@@ -36,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import report  # pylint: disable=g-import-not-at-top
 from pallas_kernels.wkv7 import wkv7  # pylint: disable=g-import-not-at-top
 
 SHAPES = ((1, 1024, 32, 64), (8, 512, 32, 64), (8, 4096, 64, 64))
@@ -243,18 +240,6 @@ def worst_error(got, want, dw_scale=None):
 # ----------------------------------------------------------------------------- report
 
 
-def _versions():
-  names = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'torch', 'triton',
-           'flash-linear-attention', 'fla-core')
-  out = {}
-  for name in names:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
-
-
 def _table(results):
   lines = ['| impl | B | T | H | K | fwd ms | fwd+bwd ms | worst rel. error |', '|---|---|---|---|---|---|---|---|']
   fmt = lambda x: '—' if x is None else f'{x:.3f}'
@@ -265,14 +250,10 @@ def _table(results):
   return '\n'.join(lines)
 
 
-def write_results(out_dirs, stem, record):
-  table = _table(record['results'])
-  for out in out_dirs:
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f'{stem}.json').write_text(json.dumps(record, indent=2) + '\n')
-    (out / f'{stem}.md').write_text(f'# WKV-7 on {record["card"]}, {record["date"]}\n\n{table}\n\n'
-                                    f'peers: {record["peers"]}\nversions: {record["versions"]}\n')
+def write_results(out_dirs, name, record):
+  markdown = (f'# WKV-7 on {record["card"]}, {record["date"]}\n\n{_table(record["results"])}\n\n'
+              f'peers: {record["peers"]}\n' f'versions: {record["versions"]}\n')
+  report.write(out_dirs, name, record, markdown)
 
 
 def main():
@@ -291,8 +272,8 @@ def main():
     parser.error('cuda needs --peft_repo')
 
   card = jax.devices()[0].device_kind
-  date = datetime.date.today().isoformat()
-  stem = f"wkv7_{re.sub(r'[^a-z0-9]+', '-', card.lower()).strip('-')}_{date}"
+  date = report.today()
+  stem = report.stem('wkv7', card, date)
   commit = pathlib.Path(str(args.peft_repo or '') + '.commit')
   peers = {'cuda': commit.read_text().strip() if commit.is_file() else args.peft_repo}
   want = reference()
@@ -322,7 +303,7 @@ def main():
       results.append(dict(impl=impl, B=B, T=T, H=H, K=K, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
                           error=error[0], error_of=error[1]))
       print(results[-1], flush=True)
-      write_results(args.out, stem, dict(card=card, date=date, versions=_versions(), peers=peers, results=results))
+      write_results(args.out, stem, dict(card=card, date=date, versions=report.versions(), peers=peers, results=results))
   print(_table(results))
 
 
