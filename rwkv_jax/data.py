@@ -5,7 +5,9 @@ Loading (`load_data(path, data_type=None, vocab_size=65536) -> TokenData`):
           memmapped. `path` is the prefix, with or without `.bin`/`.idx`. Each item is a document.
   jsonl   one {"text": ...} object per line, World-tokenized with END_OF_DOC (0) after each
           document, cached as `<file>.tokens.bin/.idx` (+ `.tokens.json` naming the source it was
-          built from); rebuilt when the jsonl's size or modification time changes.
+          built from, written last); rebuilt when the jsonl's size or modification time changes.
+          The cache is built streaming, a MB of the file at a time on every core, so memory does
+          not grow with the file; a malformed line stops it with its line number.
   utf-8   a plain text file, tokenized as one document (for `get` sampling); cached likewise.
   When `data_type` is None it is guessed: a `.bin`/`.idx` path or an existing binidx prefix ->
   binidx, `*.jsonl` -> jsonl, anything else -> utf-8. Token ids >= vocab_size are rejected at load.
@@ -23,16 +25,25 @@ Sampling (`Sampler(data, ctx_len, batch_size, ...)`, then `.batch(epoch, step)` 
   of each "Assistant:" token sequence up to the next "User:" (a sample with no "Assistant:" keeps
   all its targets). 'none' and 'pad' add nothing: pad masking is part of the pad/only modes.
 
-`write_binidx(prefix, documents, dtype)` writes a binidx pair (atomically, via temp names).
+`write_binidx(prefix, documents, dtype)` writes a binidx pair (atomically, via temp names);
+`BinidxWriter` does the same for documents appended a block at a time.
 """
 
+import array
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
+import itertools
 import json
+import multiprocessing
 import os
 import pathlib
+import signal
 import struct
 
 import numpy as np
+import tqdm
 
 from rwkv_jax import tokenizer
 from rwkv_jax.errors import UserError
@@ -44,6 +55,7 @@ _HEADER = struct.Struct('<9sQBQQ')  # magic, version, dtype code, item count, do
 _DTYPE_BY_CODE = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 _CODE_BY_DTYPE = {np.dtype(dtype): code for code, dtype in _DTYPE_BY_CODE.items()}
 _CACHE_SUFFIX = '.tokens'
+ANSWERS_SUFFIX = '.answers.npy'  # beside a binidx: where each document's answer starts
 _MAX_CHECK_CHUNK = 1 << 24  # tokens per chunk when scanning a memmap for out-of-vocab ids
 DATA_TYPES = ('binidx', 'jsonl', 'utf-8')
 DATALOADS = ('pad', 'only', 'get')
@@ -64,6 +76,9 @@ class TokenData:
   doc_starts: np.ndarray
   doc_lens: np.ndarray
   source: str
+  # Per document, the offset of its first token that takes a loss (an SFT example's answer; the
+  # `.answers.npy` beside a binidx, see sft.py); None: every token of a document does.
+  answer_starts: np.ndarray | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -78,31 +93,86 @@ class TokenData:
 # binidx
 
 
+class BinidxWriter:
+  """Streams documents into `prefix.bin` / `prefix.idx`, holding only the index (12 B a document).
+
+    with BinidxWriter(prefix, np.uint16) as writer:
+      writer.append(tokens, doc_lens)  # tokens, and the lengths of the documents they end
+
+  A document may span several appends (a long text is appended block by block, its length
+  given with the last one); when the `with` block ends, every token must belong to a document.
+  Both files are written under temporary names and renamed into place only when the `with` block
+  completes; an exception (Ctrl-C included) removes them, so a half-written pair never appears.
+  """
+
+  def __init__(self, prefix: str, dtype=np.uint16):
+    self.dtype = np.dtype(dtype)
+    if self.dtype not in _CODE_BY_DTYPE:
+      raise ValueError(f'binidx cannot store {self.dtype}')
+    self.bin_path, self.idx_path = f'{prefix}.bin', f'{prefix}.idx'
+    self.num_tokens = 0
+    self._doc_tokens = 0  # tokens of the documents whose length is known
+    self._doc_lens = array.array('q')
+    self._bin_file = None
+
+  @property
+  def num_docs(self) -> int:
+    return len(self._doc_lens)
+
+  def __enter__(self) -> 'BinidxWriter':
+    self._bin_file = open(self.bin_path + '.tmp', 'wb')
+    return self
+
+  def append(self, tokens: np.ndarray, doc_lens) -> None:
+    tokens, doc_lens = np.asarray(tokens), np.asarray(doc_lens, np.int64)
+    if self._doc_tokens + doc_lens.sum() > self.num_tokens + tokens.size:
+      raise ValueError(f'documents of {doc_lens.sum()} tokens end in an append of {tokens.size} '
+                       f'(after {self.num_tokens - self._doc_tokens} tokens of an open document)')
+    limits = np.iinfo(self.dtype)
+    if tokens.size and (tokens.min() < limits.min or tokens.max() > limits.max):
+      raise ValueError(f'token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype}')
+    if doc_lens.size and doc_lens.max() > np.iinfo(np.int32).max:
+      raise UserError(f'a document of {doc_lens.max()} tokens is longer than binidx can index '
+                      f'({np.iinfo(np.int32).max}); split it')
+    self._bin_file.write(tokens.astype(self.dtype, copy=False).tobytes())
+    self._doc_lens.frombytes(doc_lens.tobytes())
+    self.num_tokens += tokens.size
+    self._doc_tokens += int(doc_lens.sum())
+
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    self._bin_file.close()
+    try:
+      if exc_type is not None:
+        return
+      if self._doc_tokens != self.num_tokens:
+        raise ValueError(f'the last {self.num_tokens - self._doc_tokens} tokens are in no document')
+      self._write_index()
+      os.replace(self.bin_path + '.tmp', self.bin_path)
+      os.replace(self.idx_path + '.tmp', self.idx_path)
+    finally:
+      self._remove_temp_files()  # none are left after the renames
+
+  def _remove_temp_files(self) -> None:
+    for path in (self.bin_path + '.tmp', self.idx_path + '.tmp'):
+      pathlib.Path(path).unlink(missing_ok=True)
+
+  def _write_index(self) -> None:
+    sizes = np.frombuffer(self._doc_lens, np.int64).astype(np.int32)
+    pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * self.dtype.itemsize
+    doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)  # every item is a whole document
+    with open(self.idx_path + '.tmp', 'wb') as idx_file:
+      idx_file.write(_HEADER.pack(_MAGIC, 1, _CODE_BY_DTYPE[self.dtype], len(sizes), len(doc_idx)))
+      idx_file.write(sizes.tobytes())
+      idx_file.write(pointers.tobytes())
+      idx_file.write(doc_idx.tobytes())
+
+
 def write_binidx(prefix: str, documents, dtype=np.uint16) -> None:
   """Writes `documents` (an iterable of 1-D int arrays) as `prefix.bin` / `prefix.idx`."""
-  dtype = np.dtype(dtype)
-  if dtype not in _CODE_BY_DTYPE:
-    raise ValueError(f'binidx cannot store {dtype}')
-  limits = np.iinfo(dtype)
-  bin_path, idx_path = f'{prefix}.bin', f'{prefix}.idx'
-  sizes = []
-  with open(bin_path + '.tmp', 'wb') as bin_file:
+  with BinidxWriter(prefix, dtype) as writer:
     for doc in documents:
       doc = np.asarray(doc)
-      if doc.size and (doc.min() < limits.min or doc.max() > limits.max):
-        raise ValueError(f'token ids {doc.min()}..{doc.max()} do not fit {dtype}')
-      bin_file.write(doc.astype(dtype).tobytes())
-      sizes.append(doc.size)
-  sizes = np.asarray(sizes, np.int32)
-  pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * dtype.itemsize
-  doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)  # every item is a whole document
-  with open(idx_path + '.tmp', 'wb') as idx_file:
-    idx_file.write(_HEADER.pack(_MAGIC, 1, _CODE_BY_DTYPE[dtype], len(sizes), len(doc_idx)))
-    idx_file.write(sizes.tobytes())
-    idx_file.write(pointers.tobytes())
-    idx_file.write(doc_idx.tobytes())
-  os.replace(bin_path + '.tmp', bin_path)
-  os.replace(idx_path + '.tmp', idx_path)
+      writer.append(doc, [doc.size])
 
 
 def read_binidx(prefix: str) -> TokenData:
@@ -140,39 +210,93 @@ def read_binidx(prefix: str) -> TokenData:
   if bin_size < dtype.itemsize:
     raise UserError(f'{bin_path} holds no tokens; {rebuild} from non-empty data')
   tokens = np.memmap(bin_path, dtype, mode='r', shape=(bin_size // dtype.itemsize,))
-  return TokenData(tokens, pointers // dtype.itemsize, sizes, bin_path)
+  answers_path = prefix + ANSWERS_SUFFIX
+  answer_starts = np.load(answers_path) if os.path.isfile(answers_path) else None
+  return TokenData(tokens, pointers // dtype.itemsize, sizes, bin_path, answer_starts)
 
 
 # ---------------------------------------------------------------------------------------------
 # jsonl and text, tokenized once and cached as binidx
+#
+# The source is read in blocks of about _BLOCK_BYTES (a jsonl block ends at a line end, a text
+# block where no token can span, see tokenizer.joined_byte_pairs), the blocks are tokenized on
+# every core, and their tokens are appended to the cache in file order. Memory depends on the
+# block size and the number of cores, not on the size of the file (the longest line aside).
+
+_BLOCK_BYTES = 1 << 20
+_PARALLEL_MIN_BYTES = 64 << 20  # smaller files are encoded faster than workers start (~3 s)
+_TEXT_SPLIT_WINDOW = 1 << 16  # bytes at the end of a text block searched for a place to cut
+_EXPECTED_JSONL = 'expected one JSON object per line like {"text": "User: ...\\n\\nAssistant: ..."}'
 
 
-def read_jsonl_texts(path: str) -> list[str]:
-  """The "text" of each non-empty line of a jsonl file; a bad line is a UserError naming it."""
-  if not os.path.isfile(path):
-    raise UserError(f'{path} not found; pass the path of a jsonl file')
-  texts = []
-  with open(path, 'rb') as jsonl_file:
-    for line_number, raw_line in enumerate(jsonl_file, 1):
-      try:
-        line = raw_line.decode('utf-8')
-      except UnicodeDecodeError as e:
-        raise UserError(f'{path}:{line_number}: not valid UTF-8 ({e.reason}); '
-                        'save the file as UTF-8') from None
-      if line.strip():
-        texts.append(_parse_jsonl_line(line, path, line_number))
-  return texts
+def _jsonl_blocks(path: str, block_bytes: int):
+  """(block, number of its first line, path): whole lines of the file, about block_bytes each."""
+  line_number, carry = 1, b''
+  with open(path, 'rb') as source:
+    while chunk := source.read(block_bytes):
+      buffer = carry + chunk
+      cut = buffer.rfind(b'\n') + 1
+      if cut == 0:  # one line longer than a block: keep reading until it ends
+        carry = buffer
+        continue
+      yield buffer[:cut], line_number, path
+      line_number += buffer.count(b'\n', 0, cut)
+      carry = buffer[cut:]
+  if carry:
+    yield carry, line_number, path
+
+
+def _text_blocks(path: str, block_bytes: int):
+  """(block, its byte offset, path): pieces of the file whose encodings join up to the whole's."""
+  offset, carry = 0, b''
+  with open(path, 'rb') as source:
+    while chunk := source.read(block_bytes):
+      buffer = carry + chunk
+      cut = _text_cut(buffer)
+      if cut is None:  # nowhere to cut near the end: keep reading
+        carry = buffer
+        continue
+      yield buffer[:cut], offset, path
+      offset += cut
+      carry = buffer[cut:]
+  if carry:
+    yield carry, offset, path
+
+
+def _text_cut(buffer: bytes) -> int | None:
+  """The last position near the end of `buffer` between two characters that no token joins."""
+  tail = np.frombuffer(buffer, np.uint8)[-_TEXT_SPLIT_WINDOW:]
+  starts_char = (tail[1:] & 0xC0) != 0x80  # not a UTF-8 continuation byte
+  cuts = np.flatnonzero(~tokenizer.joined_byte_pairs()[tail[:-1], tail[1:]] & starts_char)
+  return len(buffer) - len(tail) + int(cuts[-1]) + 1 if cuts.size else None
+
+
+def _tokenize_jsonl_block(block: bytes, first_line: int, path: str):
+  """(tokens, doc_lens, block size): each non-empty line's "text", encoded, then END_OF_DOC."""
+  try:
+    lines = block.decode('utf-8').split('\n')
+  except UnicodeDecodeError as e:
+    line_number = first_line + block.count(b'\n', 0, e.start)
+    raise UserError(f'{path}:{line_number}: not valid UTF-8 ({e.reason}); '
+                    'save the file as UTF-8') from None
+  texts = [_parse_jsonl_line(line, path, first_line + i) for i, line in enumerate(lines)
+           if line.strip()]
+  ids = tokenizer.encode_batch(texts)
+  for doc_ids in ids:
+    doc_ids.append(tokenizer.END_OF_DOC)
+  doc_lens = np.fromiter(map(len, ids), np.int64, len(ids))
+  tokens = np.fromiter(itertools.chain.from_iterable(ids), np.uint16, int(doc_lens.sum()))
+  return tokens, doc_lens, len(block)
 
 
 def _parse_jsonl_line(line: str, path: str, line_number: int) -> str:
-  expected = 'expected one JSON object per line like {"text": "User: ...\\n\\nAssistant: ..."}'
   try:
     record = json.loads(line)
   except json.JSONDecodeError as e:
     raise UserError(f'{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno}); '
-                    f'{expected}') from None
+                    f'{_EXPECTED_JSONL}') from None
   if not isinstance(record, dict) or not isinstance(record.get('text'), str):
-    raise UserError(f'{path}:{line_number}: no string field "text"; {expected}')
+    raise UserError(f'{path}:{line_number}: no string field "text"; {_EXPECTED_JSONL}')
   try:
     record['text'].encode('utf-8')
   except UnicodeEncodeError:
@@ -181,43 +305,108 @@ def _parse_jsonl_line(line: str, path: str, line_number: int) -> str:
   return record['text']
 
 
-def _tokenize_jsonl(path: str) -> list[np.ndarray]:
-  texts = read_jsonl_texts(path)
-  if not texts:
-    raise UserError(f'{path} has no non-empty lines; add {{"text": ...}} lines')
-  return [np.array(ids + [tokenizer.END_OF_DOC], np.uint16)
-          for ids in tokenizer.encode_batch(texts)]
-
-
-def _tokenize_text(path: str) -> list[np.ndarray]:
-  raw = pathlib.Path(path).read_bytes()
+def _tokenize_text_block(block: bytes, offset: int, path: str):
+  """(tokens, no document ends, block size): the block encoded as part of one long document."""
   try:
-    text = raw.decode('utf-8')
+    text = block.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise UserError(f'{path}: not valid UTF-8 at byte {e.start} ({e.reason}); save it as UTF-8, '
-                    'or pass --data_type binidx/jsonl if it is one') from None
-  if not text:
-    raise UserError(f'{path} is empty')
-  return [np.array(tokenizer.encode(text), np.uint16)]
+    raise UserError(f'{path}: not valid UTF-8 at byte {offset + e.start} ({e.reason}); save it as '
+                    'UTF-8, or pass --data_type binidx/jsonl if it is one') from None
+  return np.array(tokenizer.encode(text), np.uint16), np.zeros(0, np.int64), len(block)
 
 
-def _load_cached(path: str, tokenize) -> TokenData:
+def _ignore_sigint() -> None:
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _in_order(tokenize, blocks, workers: int):
+  """tokenize(*block) for each block, in order, at most 2 x workers blocks in flight.
+
+  With workers > 1 the workers are forked from this process: see `_build_cache` for where.
+  """
+  if workers <= 1:
+    yield from (tokenize(*block) for block in blocks)
+    return
+  tokenizer.preload()  # once here, shared by the forked workers
+  with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context('fork'),
+                                              initializer=_ignore_sigint) as pool:
+    pending = collections.deque()
+    try:
+      for block in blocks:
+        pending.append(pool.submit(tokenize, *block))
+        if len(pending) >= 2 * workers:
+          yield pending.popleft().result()
+      while pending:
+        yield pending.popleft().result()
+    finally:
+      pool.shutdown(cancel_futures=True)
+
+
+def _write_cache(path: str, prefix: str, data_type: str, workers: int, block_bytes: int) -> None:
+  """Tokenizes `path` into the binidx pair `prefix`, streaming, on `workers` processes."""
+  if data_type == 'jsonl':
+    blocks, tokenize = _jsonl_blocks(path, block_bytes), _tokenize_jsonl_block
+  else:
+    blocks, tokenize = _text_blocks(path, block_bytes), _tokenize_text_block
+  with (BinidxWriter(prefix, np.uint16) as writer,
+        tqdm.tqdm(total=os.path.getsize(path), unit='B', unit_scale=True, disable=None,
+                  desc=f'tokenizing {os.path.basename(path)}', leave=False) as progress,
+        contextlib.closing(_in_order(tokenize, blocks, workers)) as results):
+    for tokens, doc_lens, block_size in results:
+      writer.append(tokens, doc_lens)
+      progress.update(block_size)
+      progress.set_postfix(docs=writer.num_docs, refresh=False)
+    if data_type == 'jsonl' and writer.num_docs == 0:
+      raise UserError(f'{path} has no non-empty lines; add {{"text": ...}} lines')
+    if data_type == 'utf-8':
+      if writer.num_tokens == 0:
+        raise UserError(f'{path} is empty')
+      writer.append(np.zeros(0, np.uint16), [writer.num_tokens])  # the whole text is one document
+
+
+def _build_cache(path: str, prefix: str, data_type: str, workers: int | None = None,
+                 block_bytes: int | None = None) -> None:
+  """`_write_cache` on `workers` processes (default: one a core for a large file, else this one)
+  in blocks of about `block_bytes` (default _BLOCK_BYTES).
+
+  Workers run in a fresh process that loads the tokenizer (~230 MB of tables) and then forks them,
+  so that they share its memory. That process is spawned, not forked from this one, which may be
+  running JAX's threads (a fork would copy their locks, held, into a child with no threads).
+  """
+  if workers is None:
+    big = os.path.getsize(path) >= _PARALLEL_MIN_BYTES
+    workers = len(os.sched_getaffinity(0)) if big else 1
+  block_bytes = block_bytes or _BLOCK_BYTES
+  if workers <= 1:
+    _write_cache(path, prefix, data_type, 1, block_bytes)
+    return
+  with concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context('spawn')) as helper:
+    try:
+      helper.submit(_write_cache, path, prefix, data_type, workers, block_bytes).result()
+    except concurrent.futures.process.BrokenProcessPool:
+      raise UserError('a tokenizing process died: out of memory, or the script calling '
+                      'load_data lacks the `if __name__ == "__main__":` guard that '
+                      'multiprocessing needs') from None
+
+
+def _load_cached(path: str, data_type: str) -> TokenData:
   """Tokenizes `path` into a binidx cache next to it unless the cache matches the file already."""
   prefix = path + _CACHE_SUFFIX
   stat = os.stat(path)
   stamp = {'source_size': stat.st_size, 'source_mtime_ns': stat.st_mtime_ns,
            'tokenizer': 'rwkv_vocab_v20230424'}
-  stamp_path = prefix + '.json'
+  stamp_path = pathlib.Path(prefix + '.json')
   try:
-    is_fresh = json.loads(pathlib.Path(stamp_path).read_text()) == stamp
+    is_fresh = json.loads(stamp_path.read_text()) == stamp
   except (OSError, ValueError):
     is_fresh = False
   if not (is_fresh and os.path.isfile(prefix + '.bin') and os.path.isfile(prefix + '.idx')):
     try:
-      write_binidx(prefix, tokenize(path), np.uint16)
-      # The stamp goes last, so a build cut short is never mistaken for a finished one.
-      pathlib.Path(stamp_path + '.tmp').write_text(json.dumps(stamp))
-      os.replace(stamp_path + '.tmp', stamp_path)
+      # The stamp goes first and comes back last, so a build cut short is never trusted.
+      stamp_path.unlink(missing_ok=True)
+      _build_cache(path, prefix, data_type)
+      pathlib.Path(f'{stamp_path}.tmp').write_text(json.dumps(stamp))
+      os.replace(f'{stamp_path}.tmp', stamp_path)
     except OSError as e:
       raise UserError(f'cannot write the token cache {prefix}.bin next to {path} ({e.strerror}); '
                       'copy the data to a writable folder') from None
@@ -250,10 +439,8 @@ def load_data(path: str, data_type: str | None = None,
     data = read_binidx(_strip_binidx_ext(path))
   elif not os.path.isfile(path):
     raise UserError(f'data file {path} not found; pass a .jsonl, a text file or a binidx prefix')
-  elif data_type == 'jsonl':
-    data = _load_cached(path, _tokenize_jsonl)
   else:
-    data = _load_cached(path, _tokenize_text)
+    data = _load_cached(path, data_type)
   _check_vocab(data, vocab_size)
   return data
 
@@ -336,6 +523,8 @@ class Sampler:
     positions_T = np.arange(self.ctx_len)
     past_doc_BxT = positions_T[None, :] + 1 >= np.minimum(doc_lens_B, self.ctx_len + 1)[:, None]
     targets_BxT[past_doc_BxT] = IGNORE_INDEX
+    if self.data.answer_starts is not None and self.dataload != 'get':
+      targets_BxT[positions_T[None, :] + 1 < self.data.answer_starts[docs_B][:, None]] = IGNORE_INDEX
     if self.dataload == 'only':
       inputs_BxT[positions_T[None, :] >= doc_lens_B[:, None]] = tokenizer.END_OF_DOC
     if self._qa_markers is not None:

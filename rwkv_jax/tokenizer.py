@@ -17,6 +17,7 @@ import ast
 import functools
 import pathlib
 
+import numpy as np
 import pyrwkv_tokenizer
 
 END_OF_DOC = 0
@@ -40,6 +41,26 @@ def _bytes_by_id() -> tuple[bytes, ...]:
     literal = ast.literal_eval(line[line.index(' ') + 1:line.rindex(' ')])
     table[token_id] = literal.encode('utf-8') if isinstance(literal, str) else literal
   return tuple(table)
+
+
+@functools.cache
+def joined_byte_pairs() -> np.ndarray:
+  """bool[256, 256]: True where bytes (a, b) sit next to each other inside some vocab token.
+
+  Encoding is greedy longest match, so no token can span a position whose two bytes are never
+  joined: every encoding has a boundary there, and encoding the text on each side separately
+  gives the same ids as encoding the whole. This is what lets a long text be encoded in blocks.
+  """
+  joined = np.zeros((256, 256), bool)
+  for token in _bytes_by_id():
+    joined[list(token[:-1]), list(token[1:])] = True
+  return joined
+
+
+def preload() -> None:
+  """Builds the encoder's tables now (~230 MB), e.g. so that processes forked later share them."""
+  _rust_tokenizer()
+  joined_byte_pairs()
 
 
 def encode(text: str) -> list[int]:
