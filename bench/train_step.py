@@ -43,8 +43,6 @@ import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import collections
 import dataclasses
 import functools
-import importlib
-import importlib.metadata
 import json
 import pathlib
 import re
@@ -80,6 +78,8 @@ MODELS = {
                      lora=(('mix', 32), ('decay', 64))),
     '7B': RWKVConfig(version='6', n_layer=32, n_embd=4096, head_size=64, vocab_size=65536, dim_ffn=14336,
                      lora=(('mix', 64), ('decay', 128))),
+    'x052-1.5B': RWKVConfig(version='5', n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=7168,
+                            lora=()),
     'x070-1.5B': RWKVConfig(version='7', n_layer=24, n_embd=2048, head_size=64, vocab_size=65536, dim_ffn=8192,
                             lora=X070_LORA(2048)),
     'x070-2.9B': RWKVConfig(version='7', n_layer=32, n_embd=2560, head_size=64, vocab_size=65536, dim_ffn=10240,
@@ -116,7 +116,8 @@ class Case:
     return f'{self.model}-{self.ctx_len}x{self.micro_bsz}-cp{self.grad_cp}-{self.quant}'
 
   def impls(self):
-    return ('rwkv-jax', 'peer') if self.quant == 'none' else ('rwkv-jax',)  # RWKV-PEFT dropped quantized training
+    # RWKV-PEFT dropped quantized training, and never state-tuned RWKV-5.
+    return ('rwkv-jax', 'peer') if self.quant == 'none' and MODELS[self.model].version != '5' else ('rwkv-jax',)
 
 
 # In priority order: when --budget_s runs short, the tail is skipped.
@@ -124,7 +125,7 @@ CASES = (Case('1.6B', 1024, 1, 1), Case('1.6B', 1024, 1, 1, 'int8'), Case('1.6B'
          Case('1.6B', 1024, 1, 0), Case('1.6B', 512, 8, 1), Case('7B', 1024, 1, 1), Case('3B', 1024, 1, 1),
          Case('7B', 1024, 1, 1, 'int8'), Case('7B', 1024, 1, 1, 'nf4'),
          Case('x070-1.5B', 1024, 1, 1), Case('x070-1.5B', 512, 8, 1), Case('x070-2.9B', 1024, 1, 1),
-         Case('x070-7.2B', 1024, 1, 1))
+         Case('x070-7.2B', 1024, 1, 1), Case('x052-1.5B', 1024, 1, 1), Case('x052-1.5B', 512, 8, 1))
 TINY_CASES = (Case('tiny', 32, 2, 1), Case('tiny', 32, 2, 0), Case('tiny', 32, 2, 1, 'int8'),
               Case('tiny', 32, 2, 1, 'nf4'), Case('tiny-x070', 32, 2, 1), Case('tiny-x070', 32, 2, 1, 'nf4'))
 
@@ -207,6 +208,7 @@ def check_layout(cfg: RWKVConfig, quant_mode: str) -> None:
 
 def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_dir: str | None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.common import default_implementation  # pylint: disable=g-import-not-at-top
   from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
   if cache_dir:  # drawing the weights took ~10 s a process: later processes load its compiled functions
     jax.config.update('jax_compilation_cache_dir', cache_dir)
@@ -244,9 +246,8 @@ def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_
   times = np.diff(reads)[warmup - 1:]
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
-  kernels = importlib.import_module(f'pallas_kernels.wkv{cfg.version}')  # the generation's recurrence
   return {'step_ms': statistics.median(times) * 1e3, 'peak_gb': peak / 1e9 if peak else None,
-          'compile_s': compile_s, 'loss': loss, 'wkv': implementation or kernels.default_implementation(case.ctx_len)}
+          'compile_s': compile_s, 'loss': loss, 'wkv': implementation or default_implementation(case.ctx_len)}
 
 
 def peak_worker() -> dict:

@@ -24,27 +24,34 @@ import pathlib
 import ml_dtypes
 import numpy as np
 
-from rwkv_jax import checkpoint, cli, state_io
+from rwkv_jax import checkpoint, cli, run_dir, state_io
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
 from rwkv_jax.models import generation
 
 EXPORT_FORMATS = ('runner', 'ai00', 'pth-fp32')
 MERGED_STATE_USERS = {
+    '5': 'starts from the merged state: rwkv_jax.load, the rwkv pip package, Runner (torch backends)',
     '6': 'starts from the merged state: rwkv_jax.load, the rwkv pip package, Runner (torch backends)',
     '7': ('starts from the merged state: rwkv_jax.load. The rwkv pip package (RWKV_V7_ON) ignores a merged '
           'x070 time_state: mount the state file there (Runner: Configs -> State-tuned Model)'),
 }
 
-# Official sizes (n_layer, n_embd), to name what a lone state file belongs to: RWKV-6 World
+# Official sizes (n_layer, n_embd), to name what a lone state file belongs to: RWKV-5/6 World
 # and RWKV-7 World / G1 share their shapes.
-KNOWN_SIZES = {(12, 768): '0.1B', (24, 1024): '0.4B', (24, 2048): 'RWKV-6 1.6B / RWKV-7 1.5B',
-               (32, 2560): 'RWKV-6 3B / RWKV-7 2.9B', (32, 4096): '7B', (61, 4096): '14B / RWKV-7 13B'}
+KNOWN_SIZES = {(12, 768): '0.1B', (24, 1024): '0.4B', (24, 2048): 'RWKV-5/7 1.5B / RWKV-6 1.6B',
+               (32, 2560): 'RWKV-5/6 3B / RWKV-7 2.9B', (32, 4096): '7B', (61, 4096): '14B / RWKV-7 13B'}
 
 
 def to_flax(args):
   model = checkpoint.load_model(args.model)
-  checkpoint.save_flax(args.out_dir, model)
+  try:
+    with run_dir.orbax_errors_unlogged():
+      checkpoint.save_flax(args.out_dir, model)
+  except Exception as e:  # orbax reports a failed write as a ValueError that names the errno
+    if run_dir.os_error_code(e) is None:
+      raise
+    raise run_dir.write_error(args.out_dir, e, unchanged=False) from e
   print(f'{model.cfg.describe()} -> {args.out_dir}')
 
 
@@ -149,7 +156,7 @@ def describe_model(path) -> list[str]:
       f'  heads        {cfg.n_head} x head size {cfg.head_size}',
       f'  vocab        {cfg.vocab_size}',
       f'  ffn          {cfg.dim_ffn}',
-      f'  lora dims    {", ".join(f"{name} {width}" for name, width in cfg.lora)}',
+      f'  lora dims    {", ".join(f"{name} {width}" for name, width in cfg.lora) or "none"}',
       f'  dtype        {", ".join(dtypes)}',
       f'  parameters   {sum(v.size for v in weights):,}',
   ]
@@ -187,8 +194,8 @@ def format_norms(state_LxHxVxK) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog='python -m convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   p = commands.add_parser('to-flax', help='official .pth -> orbax directory')
   p.add_argument('model', help='an RWKV .pth checkpoint')

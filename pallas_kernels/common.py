@@ -158,3 +158,19 @@ def state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
       interpret=cfg.interpret,
       name=name,
   )(*kv_inputs, v_input, s_in)
+
+
+IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')  # what every WKV entry point offers
+
+
+def default_implementation(T: int = 1) -> str:
+  """The implementation a WKV entry point runs when none is asked for.
+
+  One token is one step of the recurrence: the scan, since the chunked forms would only pad it.
+  Longer sequences: the Pallas kernels on GPUs, which beat xla_chunked several times over at
+  every measured shape (bench/wkv6.py, bench/wkv7.py; the numbers are in docs/performance.md),
+  xla_chunked elsewhere.
+  """
+  if T == 1:
+    return 'scan'
+  return 'pallas' if jax.default_backend() == 'gpu' else 'xla_chunked'

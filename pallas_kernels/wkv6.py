@@ -21,6 +21,7 @@ Implementations (`implementation=`):
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import IMPLEMENTATIONS, default_implementation
 from pallas_kernels.wkv6_chunked import wkv6_chunked
 from pallas_kernels.wkv6_pallas import wkv6_pallas
 
@@ -42,20 +43,6 @@ def wkv6_reference(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK
 
   sT, y_TxBxHxV = jax.lax.scan(step, s0_BxHxVxK, (r, k, v, decay_TxBxHxK))
   return jnp.moveaxis(y_TxBxHxV, 0, 1), sT
-
-
-IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
-
-
-def default_implementation(T: int = 1) -> str:
-  """The fastest implementation for this platform and sequence length.
-
-  On GPUs the Pallas kernels beat xla_chunked several times over at every
-  measured shape (bench/wkv6.py; the numbers: docs/performance.md).
-  """
-  if T == 1:
-    return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it
-  return 'pallas' if jax.default_backend() == 'gpu' else 'xla_chunked'
 
 
 def wkv6(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0, *, implementation=None):

@@ -22,6 +22,7 @@ Implementations (`implementation=`):
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import IMPLEMENTATIONS, default_implementation
 from pallas_kernels.wkv7_chunked import wkv7_chunked
 from pallas_kernels.wkv7_pallas import wkv7_pallas
 
@@ -43,21 +44,6 @@ def wkv7_reference(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTx
 
   sT, y_TxBxHxV = jax.lax.scan(step, s0_BxHxVxK, (r, w, k, v, a, b))
   return jnp.moveaxis(y_TxBxHxV, 0, 1), sT
-
-
-IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')
-
-
-def default_implementation(T: int = 1) -> str:
-  """The fastest implementation for this platform and sequence length.
-
-  On an H100 (bench/wkv7.py, fwd+bwd, bf16) pallas takes 0.52 / 1.12 / 15.5 ms
-  at (B,T,H) = (1,1024,32) / (8,512,32) / (8,4096,64), K = 64; xla_chunked is
-  several times slower there.
-  """
-  if T == 1:
-    return 'scan'  # one token is one step of the recurrence; chunked forms would only pad it
-  return 'pallas' if jax.default_backend() == 'gpu' else 'xla_chunked'
 
 
 def wkv7(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0, *, implementation=None):

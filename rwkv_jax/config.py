@@ -39,9 +39,9 @@ class RWKVConfig:
     return (self.n_layer, self.n_head, self.head_size, self.head_size)
 
   def describe(self) -> str:
-    loras = '/'.join(str(d) for _, d in self.lora)
+    loras = f' lora {"/".join(str(d) for _, d in self.lora)}' if self.lora else ''
     return (f'RWKV-{self.version} L{self.n_layer} C{self.n_embd} H{self.n_head}x{self.head_size} '
-            f'vocab {self.vocab_size} ffn {self.dim_ffn} lora {loras}')
+            f'vocab {self.vocab_size} ffn {self.dim_ffn}{loras}')
 
   @classmethod
   def from_shapes(cls, shapes: dict[str, tuple[int, ...]], source: str = 'checkpoint') -> 'RWKVConfig':
@@ -51,7 +51,7 @@ class RWKVConfig:
       raise UserError(f'{source} is not an RWKV checkpoint (no emb.weight / blocks.* keys; found {len(shapes)} keys)')
     version = detect_version(shapes)
     if version not in SUPPORTED:
-      names = ', '.join(f'RWKV-{v} (x0{v}0)' for v in SUPPORTED)
+      names = ', '.join(f'RWKV-{v} ({generation(v).NAME})' for v in SUPPORTED)
       raise UserError(f'{source} is an RWKV-{version} checkpoint; supported: {names}')
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r'blocks\.(\d+)\.', k))}
     n_layer = max(layers) + 1

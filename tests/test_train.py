@@ -17,7 +17,7 @@ import torch
 import train_state
 from flax import nnx
 
-from rwkv_jax import checkpoint, cli, data, quant, state_io, synthetic, train
+from rwkv_jax import cli, data, quant, state_io, synthetic, train
 from rwkv_jax.models import WKVState
 from tests.conftest import assert_one_line_error, random_model
 

@@ -14,8 +14,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import wkv6
-from rwkv_jax.models.common import (LayerNorm, Linear, WKVState, dot, f32, group_norm, residual, token_shift,
-                                    value)
+from rwkv_jax.models.common import LayerNorm, Linear, WKVState, dot, f32, group_norm, residual, token_shift
 
 NAME = 'x060'
 LORAS = ('mix', 'decay')  # RWKVConfig.lora names: time_maa_w1/w2 (five mixes share it) and time_decay_w1/w2
