@@ -27,6 +27,7 @@ keeps only each chunk's start state. fwd+bwd on a CPU: ~1.4x (2,512,4,64) to
 ~2.5x (1,128,4,64) faster than the scan; 32-row chunks were slower.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -78,10 +79,16 @@ class _Matrices:
 
 @jax.custom_vjp
 def _unit_lower_inverse(n_LxL):
-  """(I - N)^-1 for strictly lower N [..., L, L]. Its VJP is written out, dN = T^T dT T^T: JAX's
-  own differentiates through the triangular solve, ~400x slower on a CPU at these sizes."""
-  eye = jnp.broadcast_to(jnp.eye(n_LxL.shape[-1], dtype=f32), n_LxL.shape)
-  return jax.scipy.linalg.solve_triangular(eye - n_LxL, eye, lower=True, unit_diagonal=True)
+  """(I - N)^-1 for strictly lower N [..., L, L]: N is nilpotent, so the inverse is the sum of its
+  first L powers, (I + N)(I + N^2)(I + N^4)... exactly, in ceil(log2 L) rounds of products. Not
+  LAPACK's triangular solve: jaxlib's CPU solve, batched like this, has deadlocked a training step.
+  Its VJP is written out, dN = T^T dT T^T, rather than differentiated through the products."""
+  eye = jnp.eye(n_LxL.shape[-1], dtype=f32)
+  t_LxL, power_LxL = eye + n_LxL, n_LxL
+  for _ in range(math.ceil(math.log2(n_LxL.shape[-1])) - 1):
+    power_LxL = _ein('...ts,...su->...tu', power_LxL, power_LxL)
+    t_LxL = t_LxL + _ein('...ts,...su->...tu', t_LxL, power_LxL)
+  return t_LxL
 
 
 def _unit_lower_inverse_fwd(n_LxL):

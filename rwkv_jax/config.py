@@ -62,6 +62,8 @@ class RWKVConfig:
       dims = generation(version).dims_from_shapes(shapes)
     except KeyError as e:
       raise UserError(f'{source} lacks {e.args[0]}, a key every RWKV-{version} checkpoint has; is the file truncated?')
+    except UserError as e:  # a generation's own refusal (e.g. an RWKV-7 variant): name the file
+      raise UserError(f'{source}: {e}') from None
     return cls(version=version, n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, **dims)
 
 

@@ -48,3 +48,14 @@ def assert_one_line_error(returncode, stderr, *fragments):
   assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr
   for fragment in fragments:
     assert fragment in errors[0], errors[0]
+
+
+# Logits of every position must agree with the rwkv package within this fraction of their
+# largest magnitude (fp32 models): the parity bound of every generation.
+LOGIT_TOLERANCE = 2e-4
+
+
+def assert_logits_close(ours, reference):
+  ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+  error = np.abs(ours - reference).max() / np.abs(reference).max()
+  assert error < LOGIT_TOLERANCE, f'max |logit difference| is {error:.2e} of the largest logit'

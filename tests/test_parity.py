@@ -10,10 +10,7 @@ import rwkv_jax
 from rwkv_jax import checkpoint
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.models.common import initial_state
-from tests.conftest import rwkv_package_model
-
-# Logits of every position must agree within this fraction of their largest magnitude (fp32).
-TOLERANCE = 2e-4
+from tests.conftest import LOGIT_TOLERANCE, assert_logits_close, rwkv_package_model
 
 CONFIGS = {
     'H2_world_vocab': RWKVConfig(version='6', n_layer=2, n_embd=128, head_size=64, vocab_size=65536, dim_ffn=448,
@@ -23,12 +20,6 @@ CONFIGS = {
     'H4_7B_lora_dims': RWKVConfig(version='6', n_layer=2, n_embd=256, head_size=64, vocab_size=4096, dim_ffn=896,
                                   lora=(('mix', 64), ('decay', 128))),
 }
-
-
-def assert_logits_close(ours, reference):
-  ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
-  error = np.abs(ours - reference).max() / np.abs(reference).max()
-  assert error < TOLERANCE, f'max |logit difference| is {error:.2e} of the largest logit'
 
 
 def package_state_to_ours(package_state, n_layer):
@@ -64,7 +55,7 @@ def test_nonzero_merged_time_state_is_the_default_initial_state(write_checkpoint
   assert_logits_close(logits, ref_logits.numpy())
   # The state must matter, or this test would pass with it ignored.
   zero_logits, _ = ours.forward(tokens, initial_state(np.zeros(ours.cfg.state_shape), ours.cfg.n_embd, 1))
-  assert np.abs(np.asarray(zero_logits) - ref_logits.numpy()).max() > 100 * TOLERANCE * np.abs(ref_logits.numpy()).max()
+  assert np.abs(np.asarray(zero_logits) - ref_logits.numpy()).max() > 100 * LOGIT_TOLERANCE * np.abs(ref_logits.numpy()).max()
 
 
 def test_token_by_token_equals_whole_sequence(write_checkpoint):

@@ -24,11 +24,7 @@ from rwkv_jax import checkpoint, cli, state_io, synthetic, train
 from rwkv_jax.config import RWKVConfig, detect_version
 from rwkv_jax.errors import UserError
 from rwkv_jax.models import generation
-from tests.conftest import assert_one_line_error, rwkv_package_model
-
-# Logits of every position must agree within this fraction of their largest magnitude (fp32), the
-# bound tests/test_parity.py holds x060 to.
-TOLERANCE = 2e-4
+from tests.conftest import LOGIT_TOLERANCE, assert_logits_close, assert_one_line_error, rwkv_package_model
 
 
 def x052(n_layer, n_embd, vocab_size, dim_ffn):
@@ -43,17 +39,11 @@ CONFIGS = {
 }
 
 
-def assert_logits_close(ours, reference):
-  ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
-  error = np.abs(ours - reference).max() / np.abs(reference).max()
-  assert error < TOLERANCE, f'max |logit difference| is {error:.2e} of the largest logit'
-
-
 def assert_state_matters(ours, reference):
   """Logits from another state differ from the reference by far more than the tolerance, so that a
   comparison would not pass with the state ignored."""
   reference = np.asarray(reference)
-  assert np.abs(np.asarray(ours) - reference).max() > 100 * TOLERANCE * np.abs(reference).max()
+  assert np.abs(np.asarray(ours) - reference).max() > 100 * LOGIT_TOLERANCE * np.abs(reference).max()
 
 
 def mounted_package_state(state_path, n_layer, n_embd):
