@@ -17,6 +17,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import io
 import json
 import math
 import os
@@ -32,12 +33,11 @@ import optax
 from flax import nnx
 
 from pallas_kernels import IMPLEMENTATIONS
-from rwkv_jax import api, checkpoint, cli, data, evaluate, quant, state_io, synthetic, train
+from rwkv_jax import (api, checkpoint, cli, data, evaluate, peft_flags, quant, run_dir, state_io, synthetic, train,
+                      wandb_log)
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
-from rwkv_jax.models import generation
 
-IGNORED_FLAGS = ('strategy', 'accelerator', 'pre_ffn', 'head_qk', 'fla', 'op')
 CHECKPOINT_DIR = 'checkpoint'
 TRAIN_TREE_DIR = 'tree'  # the orbax tree of the whole TrainState, inside checkpoint/
 DEMO = dict(ctx_len=64, micro_bsz=4, epoch_steps=20, epoch_count=4, warmup_steps=10, lr_init=1.0, lr_final=0.01)
@@ -45,11 +45,11 @@ DTYPES = {'bf16': ml_dtypes.bfloat16, 'fp16': np.float16, 'fp32': np.float32, 't
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   add = p.add_argument
   add('--ckpt', '--load_model', dest='ckpt', help='base model: an RWKV .pth or a `convert to-flax` directory')
   add('--data', '--data_file', dest='data', help='training data: a .jsonl, a binidx prefix, or a UTF-8 text file')
-  add('--data_type', choices=data.DATA_TYPES, help='binidx | jsonl | utf-8 (default: from the path)')
+  add('--data_type', choices=(*data.DATA_TYPES, 'sft'), help='binidx | jsonl | utf-8 | sft (default: from the path)')
   add('--proj_dir', default='out', help='where states, logs and the resume checkpoint go (default: out)')
   add('--demo', action='store_true', help='train on a tiny random model and the bundled dataset')
   add('--ctx_len', type=int, default=512, help='tokens per sample (default 512: short contexts tune states best)')
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
   add('--quant', choices=('none', 'int8', 'nf4'), default='none',
       help='quantize the frozen projection matrices (the embedding and head go int8 either way)')
   add('--train_type', default='state', help='only "state": this tool tunes states')
-  add('--my_testing', help='model version as RWKV-PEFT names it (x060, x070); checked against the checkpoint')
+  add('--my_testing', help='model version as RWKV-PEFT names it (x052, x060, x070); checked against the checkpoint')
   add('--vocab_size', type=int, help='checked against the checkpoint')
   add('--n_layer', type=int, help='checked against the checkpoint')
   add('--n_embd', type=int, help='checked against the checkpoint')
@@ -85,46 +85,62 @@ def build_parser() -> argparse.ArgumentParser:
   add('--eval_batches', type=int, default=20, help='batches of --eval_data to evaluate (default 20)')
   add('--implementation', choices=IMPLEMENTATIONS, help='WKV kernel (default: the fastest for this platform)')
   add('--resume', action='store_true', help='continue the run saved in proj_dir/checkpoint')
+  add('--overwrite', action='store_true',
+      help='start over in a proj_dir that holds another run (its files move into proj_dir/previous-run-<time>/)')
   add('--max_steps', type=int, help='stop (resumably) after this many optimizer steps in this session')
-  for flag in IGNORED_FLAGS:
-    add(f'--{flag}', nargs='?', const='1', help=argparse.SUPPRESS)
+  peft_flags.add_to(p)  # the rest of RWKV-PEFT's flags
   return p
 
 
 def check_args(args, cfg: RWKVConfig) -> None:
-  """Everything that can be wrong with the command line, refused before any work."""
-  ignored = [f'--{f}' for f in IGNORED_FLAGS if getattr(args, f) is not None]
-  if ignored:
-    print(f'note: {" ".join(ignored)} do nothing here (XLA compiles for the device; the WKV kernel is built in)')
-  if args.train_type != 'state':
-    raise UserError(f'--train_type {args.train_type}: rwkv-jax tunes states only; use --train_type state')
-  if args.my_testing and f'x0{cfg.version}' not in args.my_testing:
-    raise UserError(f'--my_testing {args.my_testing} does not match the checkpoint, an '
-                    f'{generation(cfg.version).NAME} model')
+  """What the command line must agree with the checkpoint on (check_flags has checked the numbers)."""
+  peft_flags.apply(args, cfg)  # RWKV-PEFT's flags: mapped, noted as ignored, or refused
   for flag, value in (('vocab_size', cfg.vocab_size), ('n_layer', cfg.n_layer), ('n_embd', cfg.n_embd),
                       ('head_size_a', cfg.head_size)):
     given = getattr(args, flag)
     if given is not None and given != value:
       raise UserError(f'--{flag} {given} does not match the checkpoint ({value}); the flag can be left out')
+
+
+def check_flags(args) -> None:
+  """Every number on the command line inside the range where it means something, refused before
+  any file is read or written (a flag left out is None and passes)."""
+  at_least = lambda low: (lambda value: value >= low, f'must be at least {low}')
+  positive = (lambda value: 0 < value < math.inf, 'must be a positive number')
+  for flag in ('ctx_len', 'micro_bsz', 'epoch_steps', 'epoch_count', 'epoch_save', 'accumulate_grad_batches',
+               'devices', 'max_steps', 'eval_batches', 'vocab_size', 'n_layer', 'n_embd', 'head_size_a'):
+    cli.check_flag(args, flag, *at_least(1))
+  for flag in ('epoch_begin', 'warmup_steps'):
+    cli.check_flag(args, flag, *at_least(0))
+  cli.check_flag(args, 'random_seed', *at_least(-1))  # -1: pick one
+  for flag in ('lr_init', 'adam_eps'):
+    cli.check_flag(args, flag, *positive)
+  cli.check_flag(args, 'lr_final', lambda value: 0 <= value < math.inf, 'must be 0 or a positive number')
+  for flag in ('beta1', 'beta2'):
+    cli.check_flag(args, flag, lambda value: 0 <= value < 1, 'must be at least 0 and below 1')
   if args.devices > jax.device_count():
     raise UserError(f'--devices {args.devices}, but only {jax.device_count()} {jax.default_backend()} device(s) found')
-  for flag in ('ctx_len', 'micro_bsz', 'epoch_count', 'epoch_save', 'accumulate_grad_batches', 'devices'):
-    if getattr(args, flag) < 1:
-      raise UserError(f'--{flag} must be at least 1')
+  micro_steps = args.devices * args.accumulate_grad_batches
+  if args.epoch_steps is not None and args.epoch_steps < micro_steps:
+    raise UserError(f'--epoch_steps {args.epoch_steps} is less than one optimizer step (--devices x '
+                    f'--accumulate_grad_batches = {micro_steps} micro-steps)')
 
 
-def prepare_demo(args) -> None:
-  """A tiny RWKV-6 in the official layout (fixed seed, so every run is the same) and the bundled data."""
-  proj = pathlib.Path(args.proj_dir)
-  proj.mkdir(parents=True, exist_ok=True)
-  model_path = proj / 'demo-model.pth'
+def prepare_demo(args, argv) -> None:
+  """A tiny RWKV-6 in the official layout (fixed seed, so every run is the same) and the bundled
+  data. DEMO's settings replace the defaults, not the flags given with --demo."""
+  if args.ckpt or args.data:
+    raise UserError('--demo brings its own model and data; leave out --ckpt/--data (or --demo)')
+  given = build_parser().parse_args(argv, argparse.Namespace(**DEMO))  # argparse keeps what a namespace holds
+  for key in DEMO:
+    setattr(args, key, getattr(given, key))
+  proj = run_dir.make_dir(args.proj_dir)
+  model_path, data_path = proj / 'demo-model.pth', proj / 'demo.jsonl'
   if not model_path.exists():
     checkpoint.write_pth(model_path, synthetic.random_checkpoint(synthetic.TINY, seed=0))
-  data_path = proj / 'demo.jsonl'
-  shutil.copyfile(pathlib.Path(data.__file__).parent / 'demo_data' / 'demo.jsonl', data_path)
+  with run_dir.replacing(data_path) as tmp:
+    shutil.copyfile(pathlib.Path(data.__file__).parent / 'demo_data' / 'demo.jsonl', tmp)
   args.ckpt, args.data = str(model_path), str(data_path)
-  for key, value in DEMO.items():
-    setattr(args, key, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +177,8 @@ class Run:
 
 
 def prepare(args) -> Run:
+  if jax.default_backend() == 'cpu' and os.path.exists('/proc/driver/nvidia/version') and not os.environ.get('JAX_PLATFORMS'):
+    print('note: this machine has an NVIDIA GPU but JAX sees none; pip install "rwkv-jax[cuda13]" (or [cuda12])')
   model = checkpoint.load_model(args.ckpt, args.implementation)
   check_args(args, model.cfg)
   proj = pathlib.Path(args.proj_dir)
@@ -207,35 +225,51 @@ def start(run: Run) -> tuple[train.TrainState, int, int]:
 
 
 def save_train_checkpoint(run: Run, train_state, step: int, seed: int) -> None:
-  """Writes checkpoint/ so that a kill at any moment leaves a complete one (new or previous)."""
+  """Writes checkpoint/ so that a kill at any moment leaves a complete one (new or previous), and a
+  failed write (a full disk) leaves the previous one and no temporary folder."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  proj = run.proj
-  final, tmp, old = proj / CHECKPOINT_DIR, proj / f'{CHECKPOINT_DIR}.tmp', proj / f'{CHECKPOINT_DIR}.old'
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp.absolute() / TRAIN_TREE_DIR, train_state)
-  np.save(tmp / state_io.TRAIN_STATE_FILE, train.wkv_array(train_state.states))  # for export tools
+  state_npy = io.BytesIO()  # for export tools; written by Python, so that a failed write keeps its errno
+  np.save(state_npy, train.wkv_array(train_state.states))
   meta = {'step': step, 'seed': seed, 'total_steps': run.total_steps, 'args': vars(run.args)}
-  (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
-  if final.exists():
-    shutil.rmtree(old, ignore_errors=True)
-    final.rename(old)
-  tmp.rename(final)
-  shutil.rmtree(old, ignore_errors=True)
+  with run_dir.replacing(run.proj / CHECKPOINT_DIR) as tmp, run_dir.orbax_errors_unlogged():
+    tmp.mkdir()
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp.absolute() / TRAIN_TREE_DIR, train_state)
+    (tmp / state_io.TRAIN_STATE_FILE).write_bytes(state_npy.getvalue())
+    (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
+
+
+def saved_states(proj: pathlib.Path) -> list[pathlib.Path]:
+  """The run's rwkv-{epoch}.pth files, by epoch."""
+  return sorted(proj.glob('rwkv-[0-9]*.pth'), key=lambda p: int(p.stem.split('-')[1]))
 
 
 def load_train_checkpoint(proj: pathlib.Path, train_state):
-  """Restores onto one device whatever device layout the run was saved from."""
+  """Restores onto one device whatever device layout the run was saved from. A checkpoint that
+  cannot be read ends in one line naming the run's last rwkv-N.pth, the state it can go on from."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = next((d for d in (proj / CHECKPOINT_DIR, proj / f'{CHECKPOINT_DIR}.old') if d.is_dir()), None)
+  final = proj / CHECKPOINT_DIR
+  directory = next((d for d in (final, run_dir.previous_version(final)) if d.is_dir()), None)
   if directory is None:
     raise UserError(f'--resume: no {CHECKPOINT_DIR}/ in {proj}; start without --resume')
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), train_state)
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(directory.absolute() / TRAIN_TREE_DIR, abstract)
-  return restored, json.loads((directory / 'meta.json').read_text())
+  try:
+    meta = json.loads((directory / 'meta.json').read_text())
+    if not all(isinstance(meta.get(key), int) for key in ('step', 'seed', 'total_steps')):
+      raise ValueError('meta.json lacks the step, the seed or the total steps')
+    with run_dir.orbax_errors_unlogged(), ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory.absolute() / TRAIN_TREE_DIR, abstract)
+  except Exception as e:  # JSON, orbax and tensorstore errors alike: the files are damaged or missing
+    states = saved_states(proj)
+    if not states:
+      raise UserError(f'--resume: {directory} is damaged and the run saved no rwkv-N.pth yet; start over with '
+                      '--overwrite') from e
+    epoch = int(states[-1].stem.split('-')[1])
+    raise UserError(f'--resume: {directory} is damaged; the run\'s last state is {states[-1]}: merge it into the '
+                    f'model (python -m convert merge --ckpt MODEL.pth --state {states[-1]} --out merged.pth) and '
+                    f'train from merged.pth with --epoch_begin {epoch + 1} in a new --proj_dir') from e
+  return restored, meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,34 +281,62 @@ class Progress:
 
   def __init__(self, run: Run, start_step: int):
     self.run = run
-    path = run.proj / 'loss_data.jsonl'
+    self.path = run.proj / run_dir.STEP_LOG
     # A run killed after its last checkpoint logged steps that the resumed run will take again.
-    kept = path.read_text().splitlines()[:start_step] if start_step and path.exists() else []
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(''.join(line + '\n' for line in kept))
-    os.replace(tmp, path)
-    self.losses = [json.loads(line)['loss'] for line in kept]
-    self.file = open(path, 'a')
-    self.epoch_losses, self.bar, self.epoch, self.t_last = [], None, 0, time.perf_counter()
+    kept = [line for line in self.read_log() if line['step'] <= start_step] if start_step else []
+    with run_dir.replacing(self.path) as tmp:
+      tmp.write_text(''.join(json.dumps(line) + '\n' for line in kept))
+    self.loss_at = {line['step']: line['loss'] for line in kept}  # optimizer step (1-based) -> loss
+    self.file = open(self.path, 'a', encoding='utf-8')
+    self.wandb = wandb_log.Logger(run.args, run.proj)  # does nothing without --wandb
+    self.bar, self.epoch, self.t_last = None, 0, time.perf_counter()
+
+  def read_log(self) -> list[dict]:
+    """The steps logged so far; a line a kill cut short is left out."""
+    if not self.path.exists():
+      return []
+    lines = []
+    for text in self.path.read_text(encoding='utf-8').splitlines():
+      try:
+        lines.append(json.loads(text))
+      except json.JSONDecodeError:
+        continue
+    return [line for line in lines if isinstance(line, dict) and {'step', 'loss'} <= set(line)]
+
+  @property
+  def losses(self) -> list[float]:
+    return [self.loss_at[step] for step in sorted(self.loss_at)]
+
+  def epoch_mean(self, epoch: int) -> float:
+    """The mean loss of epoch `epoch` (0-based), over every session that trained part of it."""
+    first, last = epoch * self.run.steps_per_epoch + 1, (epoch + 1) * self.run.steps_per_epoch
+    losses = [loss for step, loss in self.loss_at.items() if first <= step <= last]
+    return float(np.mean(losses)) if losses else float('nan')
 
   def start_epoch(self, epoch: int, done_in_epoch: int):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    self.epoch, self.epoch_losses, self.t_last = epoch, [], time.perf_counter()
+    self.epoch, self.t_last = epoch, time.perf_counter()
     self.bar = tqdm(total=self.run.steps_per_epoch, initial=done_in_epoch,
                     desc=f'epoch {self.run.args.epoch_begin + epoch}', dynamic_ncols=True)
 
   def record(self, done: int, loss: float) -> None:
-    """Logs optimizer step `done` (1-based) once its loss has been read from the device."""
+    """Logs optimizer step `done` (1-based) once its loss has been read from the device; a step
+    logged already (a Ctrl-C between logging it and taking it off the queue) is not logged twice."""
+    if done in self.loss_at:
+      return
     run = self.run
     now = time.perf_counter()
     step_time, self.t_last = now - self.t_last, now
     kt_s = run.global_bsz * run.args.ctx_len / step_time / 1000
     rate = run.lr_at(done - 1)
-    self.epoch_losses.append(loss)
-    self.losses.append(loss)
-    self.file.write(json.dumps({'step': done, 'epoch': run.args.epoch_begin + self.epoch, 'loss': loss, 'lr': rate,
-                                'tokens_per_s': kt_s * 1000, 'kt_s': kt_s}) + '\n')
-    self.file.flush()
+    self.loss_at[done] = loss
+    try:
+      self.file.write(json.dumps({'step': done, 'epoch': run.args.epoch_begin + self.epoch, 'loss': loss, 'lr': rate,
+                                  'tokens_per_s': kt_s * 1000, 'kt_s': kt_s}) + '\n')
+      self.file.flush()
+    except OSError as e:
+      raise run_dir.write_error(self.path, e, unchanged=False) from e
+    self.wandb.log_step(done, loss, rate, kt_s * 1000)
     self.bar.set_postfix_str(f'loss {loss:.4f} lr {rate:.4g} {kt_s:.2f} Kt/s', refresh=False)
     self.bar.update()
 
@@ -284,6 +346,7 @@ class Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+    self.wandb.finish(saved_states(self.run.proj))
     self.file.close()
 
 
@@ -338,11 +401,14 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
 
   def log_in_flight(keep: int):
     while len(in_flight) > keep:
-      done, loss = in_flight.popleft()
+      # A Ctrl-C lands most often in float(), waiting for the device: the step stays queued until
+      # it is logged, so that the handler below logs it.
+      done, loss = in_flight[0]
       loss = float(loss)
       if not math.isfinite(loss):
         stop_on_nan(run, train_state, step, seed, done, loss)
       progress.record(done, loss)
+      in_flight.popleft()
 
   try:
     for epoch in range(start_step // run.steps_per_epoch, args.epoch_count):
@@ -376,7 +442,7 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
 def end_epoch(run: Run, epoch: int, step: int, train_state, seed: int, progress: Progress, eval_loss) -> None:
   """The epoch's line in train_log.txt, its rwkv-{epoch}.pth (every --epoch_save), checkpoint/."""
   args = run.args
-  mean = float(np.mean(progress.epoch_losses)) if progress.epoch_losses else float('nan')
+  mean = progress.epoch_mean(epoch)  # over every session of the epoch, resumed or not
   line = (f'{args.epoch_begin + epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {run.lr_at(max(step - 1, 0)):.8f} '
           f'{datetime.datetime.now()} {epoch}')
   if eval_loss is not None:
@@ -384,8 +450,8 @@ def end_epoch(run: Run, epoch: int, step: int, train_state, seed: int, progress:
     line += f' eval_loss {held_out:.6f}'
     print(f'epoch {args.epoch_begin + epoch}: train loss {mean:.4f}, held-out loss {held_out:.4f} '
           f'(perplexity {math.exp(min(held_out, 700)):.2f})')
-  with open(run.proj / 'train_log.txt', 'a') as log:
-    log.write(line + '\n')
+  run_dir.append_text(run.proj / 'train_log.txt', line + '\n')
+  progress.wandb.log_epoch(step, args.epoch_begin + epoch, mean, held_out if eval_loss is not None else None)
   if epoch % args.epoch_save == 0 or epoch == args.epoch_count - 1:
     state_io.write_state(run.proj / f'rwkv-{args.epoch_begin + epoch}.pth', train.wkv_array(train_state.states))
   save_train_checkpoint(run, train_state, step, seed)
@@ -404,9 +470,9 @@ def plot_loss(proj: pathlib.Path, losses: list[float]) -> None:
   ax.set(xlabel='optimizer step', ylabel='loss', title='state tuning')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(proj / 'loss.png.tmp', format='png', dpi=120)
+  with run_dir.replacing(proj / 'loss.png') as tmp:
+    fig.savefig(tmp, format='png', dpi=120)
   plt.close(fig)
-  os.replace(proj / 'loss.png.tmp', proj / 'loss.png')
 
 
 def print_next_steps(args, losses, state_path: pathlib.Path, steps_per_epoch: int) -> None:
@@ -427,7 +493,7 @@ def finish(run: Run, train_state, step: int, seed: int, losses: list[float]) -> 
     print(f'stopped after step {step} of {run.total_steps} (--max_steps): continue with --resume')
   if losses:
     plot_loss(run.proj, losses)
-  final = sorted(run.proj.glob('rwkv-[0-9]*.pth'), key=lambda p: int(p.stem.split('-')[1]))
+  final = saved_states(run.proj)
   if step >= run.total_steps and final:
     print_next_steps(run.args, losses, final[-1], run.steps_per_epoch)
 
@@ -435,22 +501,24 @@ def finish(run: Run, train_state, step: int, seed: int, losses: list[float]) -> 
 def main(argv):
   args = build_parser().parse_args(argv)
   if args.demo:
-    prepare_demo(args)
+    prepare_demo(args, argv)
   if not args.ckpt or not args.data:
     raise UserError('give --ckpt MODEL.pth and --data DATA (or --load_model / --data_file), or try --demo')
-  run = prepare(args)
-  train_state, start_step, seed = start(run)
-  print(f'{run.cfg.describe()} | {run.tokens.num_tokens:,} tokens in {run.tokens.num_docs:,} documents | '
-        f'{run.total_steps} steps of {run.global_bsz} x {args.ctx_len} tokens | seed {seed}')
-  with open(run.proj / 'train_log.txt', 'a') as log:
-    log.write(f'NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}{" (resumed)" if args.resume else ""}\n'
-              f'{vars(args)}\n')
-  progress = Progress(run, start_step)
-  try:
-    train_state, step = run_epochs(run, train_state, start_step, seed, progress)
-  finally:
-    progress.close()
-  finish(run, train_state, step, seed, progress.losses)
+  check_flags(args)
+  with run_dir.claim(args.proj_dir, resume=args.resume, overwrite=args.overwrite):  # the run owns --proj_dir
+    run = prepare(args)
+    train_state, start_step, seed = start(run)
+    print(f'{run.cfg.describe()} | {run.tokens.num_tokens:,} tokens in {run.tokens.num_docs:,} documents | '
+          f'{run.total_steps} steps of {run.global_bsz} x {args.ctx_len} tokens | seed {seed}')
+    run_dir.append_text(run.proj / 'train_log.txt',
+                        f'NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}{" (resumed)" if args.resume else ""}\n'
+                        f'{vars(args)}\n')
+    progress = Progress(run, start_step)
+    try:
+      train_state, step = run_epochs(run, train_state, start_step, seed, progress)
+    finally:
+      progress.close()
+    finish(run, train_state, step, seed, progress.losses)
 
 
 if __name__ == '__main__':

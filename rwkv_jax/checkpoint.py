@@ -16,6 +16,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from rwkv_jax import run_dir
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
 
@@ -69,29 +70,37 @@ def read_pth(path) -> dict[str, np.ndarray]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise UserError(f'{path}: no such file')
+  if path.stat().st_size == 0:
+    raise UserError(f'{path} is empty (0 bytes): an interrupted download or copy? fetch or write it again')
+  damaged = f'{path} is not a readable PyTorch checkpoint (truncated or damaged); download or write it again'
   try:
     mmap = zipfile.is_zipfile(path)  # mmap needs the zip format; old pickles load without it.
     obj = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
   except pickle.UnpicklingError as e:
     if 'Unsupported global' in str(e):
       raise UserError(f'{path} holds Python code or objects, not just tensors; refusing to unpickle it') from e
-    raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or another format)') from e
-  except Exception as e:  # On garbage torch raises RuntimeError, EOFError, IndexError... alike.
-    raise UserError(f'{path} is not a readable PyTorch checkpoint (truncated or another format): '
-                    f'{str(e).splitlines()[0][:160]}') from e
+    raise UserError(damaged) from e
+  except PermissionError:
+    raise  # the CLI names the path and the reason
+  except Exception as e:  # On garbage torch raises RuntimeError, EOFError, OSError, IndexError... alike.
+    raise UserError(damaged) from e
   if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
     raise UserError(f'{path} is not a flat {{name: tensor}} checkpoint')
   return {k: _to_numpy(v) for k, v in obj.items()}
 
 
 def write_pth(path, tensors: dict[str, np.ndarray]) -> None:
-  """torch.save to a temporary name, then rename: a kill never leaves half a file."""
+  """torch.save under a temporary name, then rename: a kill never leaves half a file, a failed
+  write ends in one line and leaves what was there.
+
+  torch.save is given a Python file so that a failed write keeps its OSError (torch's own
+  message for it is "unexpected pos"): run_dir finds it in the exception's chain.
+  """
   import torch  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  torch.save({k: _to_torch(v) for k, v in tensors.items()}, tmp)
-  os.replace(tmp, path)
+  with run_dir.replacing(path) as tmp:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, 'wb') as f:
+      torch.save({k: _to_torch(v) for k, v in tensors.items()}, f)
 
 
 def check_shapes(tensors: dict[str, np.ndarray], source: str) -> RWKVConfig:
@@ -217,8 +226,12 @@ def load_flax(directory, implementation=None):
   cfg = RWKVConfig(**fields['config'])
   abstract = nnx.eval_shape(lambda p: RWKV(cfg, p, implementation), abstract_params(cfg, fields['merged_state']))
   graphdef, state = nnx.split(abstract)
-  with ocp.StandardCheckpointer() as checkpointer:
-    nnx.replace_by_pure_dict(state, checkpointer.restore(directory / PARAMS_DIR))  # the saved dtypes
+  try:
+    with run_dir.orbax_errors_unlogged(), ocp.StandardCheckpointer() as checkpointer:
+      nnx.replace_by_pure_dict(state, checkpointer.restore(directory / PARAMS_DIR))  # the saved dtypes
+  except Exception as e:  # orbax and tensorstore raise many types for a damaged or partial directory
+    raise UserError(f'{directory / PARAMS_DIR} is damaged or incomplete ({type(e).__name__}); convert the .pth '
+                    'again with `python -m convert to-flax MODEL.pth DIR`') from e
   return nnx.merge(graphdef, state)
 
 

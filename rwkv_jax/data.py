@@ -45,7 +45,7 @@ import struct
 import numpy as np
 import tqdm
 
-from rwkv_jax import tokenizer
+from rwkv_jax import run_dir, tokenizer
 from rwkv_jax.errors import UserError
 
 IGNORE_INDEX = -100  # target value that takes no loss
@@ -120,7 +120,7 @@ class BinidxWriter:
     return len(self._doc_lens)
 
   def __enter__(self) -> 'BinidxWriter':
-    self._bin_file = open(self.bin_path + '.tmp', 'wb')
+    self._bin_file = open(str(run_dir.temp_path(self.bin_path)), 'wb')
     return self
 
   def append(self, tokens: np.ndarray, doc_lens) -> None:
@@ -147,20 +147,20 @@ class BinidxWriter:
       if self._doc_tokens != self.num_tokens:
         raise ValueError(f'the last {self.num_tokens - self._doc_tokens} tokens are in no document')
       self._write_index()
-      os.replace(self.bin_path + '.tmp', self.bin_path)
-      os.replace(self.idx_path + '.tmp', self.idx_path)
+      os.replace(str(run_dir.temp_path(self.bin_path)), self.bin_path)
+      os.replace(str(run_dir.temp_path(self.idx_path)), self.idx_path)
     finally:
       self._remove_temp_files()  # none are left after the renames
 
   def _remove_temp_files(self) -> None:
-    for path in (self.bin_path + '.tmp', self.idx_path + '.tmp'):
+    for path in (str(run_dir.temp_path(self.bin_path)), str(run_dir.temp_path(self.idx_path))):
       pathlib.Path(path).unlink(missing_ok=True)
 
   def _write_index(self) -> None:
     sizes = np.frombuffer(self._doc_lens, np.int64).astype(np.int32)
     pointers = (np.cumsum(sizes, dtype=np.int64) - sizes) * self.dtype.itemsize
     doc_idx = np.arange(len(sizes) + 1, dtype=np.int64)  # every item is a whole document
-    with open(self.idx_path + '.tmp', 'wb') as idx_file:
+    with open(str(run_dir.temp_path(self.idx_path)), 'wb') as idx_file:
       idx_file.write(_HEADER.pack(_MAGIC, 1, _CODE_BY_DTYPE[self.dtype], len(sizes), len(doc_idx)))
       idx_file.write(sizes.tobytes())
       idx_file.write(pointers.tobytes())
@@ -186,8 +186,11 @@ def read_binidx(prefix: str) -> TokenData:
   rebuild = 'rebuild it with `python -m rwkv_jax.make_data`'
   with open(idx_path, 'rb') as idx_file:
     header = idx_file.read(_HEADER.size)
-  if len(header) < _HEADER.size or header[:len(_MAGIC)] != _MAGIC:
+  if header[:len(_MAGIC)] != _MAGIC[:len(header)]:
     raise UserError(f'{idx_path} is not a binidx index (expected the magic bytes MMIDIDX); '
+                    f'{rebuild}')
+  if len(header) < _HEADER.size:
+    raise UserError(f'{idx_path} is truncated ({idx_size} bytes, less than the {_HEADER.size}-byte header); '
                     f'{rebuild}')
   _, version, code, num_items, _ = _HEADER.unpack(header)
   if version != 1 or code not in _DTYPE_BY_CODE:
@@ -405,8 +408,8 @@ def _load_cached(path: str, data_type: str) -> TokenData:
       # The stamp goes first and comes back last, so a build cut short is never trusted.
       stamp_path.unlink(missing_ok=True)
       _build_cache(path, prefix, data_type)
-      pathlib.Path(f'{stamp_path}.tmp').write_text(json.dumps(stamp))
-      os.replace(f'{stamp_path}.tmp', stamp_path)
+      run_dir.temp_path(stamp_path).write_text(json.dumps(stamp))
+      os.replace(run_dir.temp_path(stamp_path), stamp_path)
     except OSError as e:
       raise UserError(f'cannot write the token cache {prefix}.bin next to {path} ({e.strerror}); '
                       'copy the data to a writable folder') from None

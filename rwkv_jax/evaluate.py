@@ -75,8 +75,8 @@ def eval_batches(sampler: data.Sampler, max_batches: int | None = None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m rwkv_jax.evaluate', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog='python -m rwkv_jax.evaluate', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--ckpt', '--load_model', required=True, help='model: a .pth or to-flax directory')
   parser.add_argument('--data', '--data_file', required=True, help='held-out .jsonl, text or binidx prefix')
   parser.add_argument('--data_type', choices=data.DATA_TYPES, help='default: guessed from the name')
@@ -89,8 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def check_flags(args) -> None:
+  for flag in ('ctx_len', 'batch_size', 'max_batches'):
+    cli.check_flag(args, flag, lambda value: value >= 1, 'must be at least 1')
+
+
 def main(argv):
   args = build_parser().parse_args(argv)
+  check_flags(args)
   model_ = api.load(args.ckpt)
   states = {path: state_io.read_state(path, model_.cfg) for path in args.state}  # refuse misfits first
   token_data = data.load_data(args.data, args.data_type, model_.cfg.vocab_size)

@@ -25,6 +25,7 @@ import argparse
 import codecs
 import dataclasses
 import functools
+import math
 import sys
 from typing import Callable
 
@@ -198,8 +199,8 @@ def chat(model_: RWKV, state: State, sampling: Sampling, max_tokens: int, preamb
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='python -m rwkv_jax.generate', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog='python -m rwkv_jax.generate', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--ckpt', '--load_model', required=True, help='model: a .pth or to-flax directory')
   parser.add_argument('--state', help='a tuned state (rwkv-N.pth, .state, trainer checkpoint dir)')
   parser.add_argument('--prompt', help='the text to continue (with --chat: fed before the first turn)')
@@ -214,8 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_sampling(args) -> None:
-  if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.max_tokens < 1:
-    raise UserError('need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --max_tokens >= 1')
+  cli.check_flag(args, 'max_tokens', lambda value: value >= 1, 'must be at least 1')
+  cli.check_flag(args, 'temperature', lambda value: 0 <= value < math.inf, 'must be 0 (greedy) or a positive number')
+  cli.check_flag(args, 'top_p', lambda value: 0 < value <= 1, 'must be above 0 and at most 1')
+  cli.check_flag(args, 'top_k', lambda value: value >= 0, 'must be 0 (no cut) or more')
+  cli.check_flag(args, 'repetition_penalty', lambda value: 0 <= value < math.inf,
+                 'must be 0 (off) or a positive number')
+  cli.check_flag(args, 'seed', lambda value: value >= 0, 'must be 0 or more')
   if not args.chat and not args.prompt:
     raise UserError('--prompt is required (or use --chat to read messages from stdin)')
 

@@ -16,8 +16,7 @@ import argparse
 
 import numpy as np
 
-from rwkv_jax import cli
-from rwkv_jax import data
+from rwkv_jax import cli, data
 from rwkv_jax.errors import UserError
 
 _GATHER_TOKENS = 1 << 22  # tokens gathered from the cache and written at a time
@@ -50,8 +49,8 @@ def _gather(source: data.TokenData, docs: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog='python -m rwkv_jax.make_data', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = cli.ArgumentParser(prog='python -m rwkv_jax.make_data', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('jsonl', help='input, one {"text": ...} object per line')
   parser.add_argument('copies', type=int, help='how many shuffled copies of the data to write')
   parser.add_argument('ctx_len', type=int, help='training context length (for the suggestion)')

@@ -5,14 +5,13 @@ web-rwkv take the same keys as float16 safetensors with the last two axes transp
 `read_state` tells the two apart by content (safetensors or a torch pickle), not by extension.
 """
 import dataclasses
-import os
 import pathlib
 import re
 
 import ml_dtypes
 import numpy as np
 
-from rwkv_jax import checkpoint
+from rwkv_jax import checkpoint, run_dir
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
 
@@ -53,7 +52,14 @@ def read_train_checkpoint_state(directory) -> np.ndarray:
   path = pathlib.Path(directory) / TRAIN_STATE_FILE
   if not path.is_file():
     raise UserError(f'{directory} is neither a state .pth nor a trainer checkpoint directory (no {TRAIN_STATE_FILE})')
-  return np.load(path)
+  damaged = f'{path} is truncated or damaged; use the last rwkv-N.pth of the run instead'
+  try:
+    state = np.load(path, allow_pickle=False)
+  except (ValueError, EOFError) as e:  # what numpy raises for a cut or garbled .npy
+    raise UserError(damaged) from e
+  if state.ndim != 4 or state.dtype != np.float32:
+    raise UserError(damaged)
+  return state
 
 
 def read_state(path, cfg: RWKVConfig | None = None) -> np.ndarray:
@@ -101,23 +107,26 @@ def ai00_tensors(state_LxHxVxK) -> dict[str, np.ndarray]:
 def write_ai00_state(path, state_LxHxVxK) -> None:
   """The `.state`/`.st` file Ai00 mounts: per layer float16 [H, K, V]; temp name, then rename.
 
-  Written with safetensors' public save_file: the low-level serialize_file that the
-  official convert_safetensors.py calls breaks with safetensors 0.8.
+  Serialized with safetensors' public `save` and written by Python, so that the file gets the
+  mode every other file gets (0644 under the usual umask; safetensors' own writer makes 0600).
+  The low-level serialize_file that the official convert_safetensors.py calls breaks with
+  safetensors 0.8.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  safetensors.numpy.save_file(ai00_tensors(state_LxHxVxK), str(tmp), metadata=AI00_METADATA)
-  os.replace(tmp, path)
+  contents = safetensors.numpy.save(ai00_tensors(state_LxHxVxK), metadata=AI00_METADATA)
+  with run_dir.replacing(path) as tmp:
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(contents)
 
 
 def read_safetensors(path) -> dict[str, np.ndarray]:
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   try:
     return safetensors.numpy.load_file(str(path))
+  except PermissionError:
+    raise  # the CLI names the path and the reason
   except Exception as e:  # SafetensorError, or a dtype numpy cannot hold
-    raise UserError(f'{path} is not a readable safetensors file: {str(e).splitlines()[0][:160]}') from e
+    raise UserError(f'{path} is truncated or damaged (not a complete safetensors file); export it again') from e
 
 
 # ---------------------------------------------------------------------------------------------

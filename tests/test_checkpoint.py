@@ -108,3 +108,12 @@ def test_refuses_a_model_directory_that_is_not_one(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(UserError, match='not a converted model directory'):
     rwkv_jax.load(tmp_path / 'empty')
+
+
+def test_a_damaged_converted_directory_is_refused_in_one_line(write_checkpoint, tmp_path):
+  assert run_cli('-m', 'convert', 'to-flax', str(write_checkpoint()), str(tmp_path / 'flax')).returncode == 0
+  for path in (tmp_path / 'flax' / checkpoint.PARAMS_DIR).rglob('*'):
+    if path.is_file() and path.stat().st_size > 1000:  # the arrays' data files, not the small metadata
+      path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(UserError, match='damaged or incomplete'):
+    rwkv_jax.load(tmp_path / 'flax')
