@@ -1,4 +1,4 @@
-"""What every RWKV generation shares: norms, products, token shift, the state types.
+"""What every RWKV generation shares: norms, products, token shift, the block, the state types.
 
 Precision: weights stay in the dtype they were loaded in; matrix products run in
 that dtype with fp32 accumulation and return that dtype, as the official bf16
@@ -135,3 +135,23 @@ def token_shift(x_BxTxC, last_BxC):
 def residual(x_BxTxC, delta_BxTxC):
   """x + delta formed in fp32 and rounded once to the stream's dtype, as the official bf16 model does."""
   return (f32(x_BxTxC) + f32(delta_BxTxC)).astype(x_BxTxC.dtype)
+
+
+class Block(nnx.Module):
+  """ln1 -> time mix -> residual -> ln2 -> channel mix -> residual: every generation's layer, built by
+  its `block` function from its own TimeMix and ChannelMix."""
+
+  def __init__(self, p: dict, att: nnx.Module, ffn: nnx.Module):
+    self.ln1, self.ln2 = LayerNorm(p['ln1']), LayerNorm(p['ln2'])
+    self.att, self.ffn = att, ffn
+
+  def __call__(self, x_BxTxC, layer_state, carry, implementation):
+    """layer_state: (wkv [B, H, V, K] or shared [H, V, K], att shift [B, C], ffn shift [B, C]).
+    carry: what a layer hands the next one within a pass (x070: layer 0's v; nothing in x052/x060)."""
+    wkv_state, att_shift, ffn_shift = layer_state
+    dtype = x_BxTxC.dtype
+    att_out, att_shift, wkv_state, carry = self.att(self.ln1(x_BxTxC).astype(dtype), att_shift, wkv_state, carry,
+                                                    implementation)
+    x_BxTxC = residual(x_BxTxC, att_out)
+    ffn_out, ffn_shift = self.ffn(self.ln2(x_BxTxC).astype(dtype), ffn_shift)
+    return residual(x_BxTxC, ffn_out), (wkv_state, att_shift, ffn_shift), carry

@@ -54,7 +54,7 @@ class RWKV(nnx.Module):
     self.merged_state = 'time_state' in params['blocks'][0]['att']
     self.emb = Embedding(params['emb']['weight']) if 'emb' in params else None
     self.ln0 = LayerNorm(params['ln0'])
-    self.blocks = nnx.List([gen.Block(cfg, p, i) for i, p in enumerate(params['blocks'])])
+    self.blocks = nnx.List([gen.block(cfg, p, i) for i, p in enumerate(params['blocks'])])
     self.ln_out = LayerNorm(params['ln_out'])
     self.head = Linear(params['head']['weight'])
 

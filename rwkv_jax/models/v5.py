@@ -21,7 +21,7 @@ from flax import nnx
 
 from pallas_kernels import wkv6
 from rwkv_jax.errors import UserError
-from rwkv_jax.models.common import LayerNorm, Linear, WKVState, f32, group_norm, residual, token_shift
+from rwkv_jax.models.common import Block, LayerNorm, Linear, WKVState, f32, group_norm, token_shift
 
 NAME = 'x052'
 LORAS = ()  # x052 has no LoRA-style matrices: RWKVConfig.lora is empty
@@ -98,7 +98,8 @@ class TimeMix(nnx.Module):
     self.time_state = WKVState(f32(jnp.asarray(p['time_state'])) if 'time_state' in p else
                                jnp.zeros((cfg.n_head, cfg.head_size, cfg.head_size), jnp.float32))
 
-  def __call__(self, x_BxTxC, shift_BxC, wkv_state, implementation):
+  def __call__(self, x_BxTxC, shift_BxC, wkv_state, carry, implementation):
+    """Returns (output [B, T, C], new shift, new WKV state, carry: nothing to hand on in x052)."""
     B, T, C = x_BxTxC.shape
     H, N = self.cfg.n_head, self.cfg.head_size
     act = lambda a: a.astype(x_BxTxC.dtype)
@@ -113,7 +114,7 @@ class TimeMix(nnx.Module):
     w_BxTxHxN = jnp.broadcast_to(f32(self.time_decay[...]), (B, T, H, N))
     y_BxTxHxN, wkv_state = wkv6(r, k, v, w_BxTxHxN, f32(self.time_faaaa[...]), wkv_state,
                                 implementation=implementation)
-    return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state
+    return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state, carry
 
 
 class ChannelMix(nnx.Module):
@@ -132,20 +133,6 @@ class ChannelMix(nnx.Module):
     return r * act(self.value(k)), f32(x_BxTxC[:, -1])
 
 
-class Block(nnx.Module):
-  """ln1 -> time mix -> residual -> ln2 -> channel mix -> residual."""
-
-  def __init__(self, cfg, p: dict, layer: int):
-    del layer
-    self.ln1, self.ln2 = LayerNorm(p['ln1']), LayerNorm(p['ln2'])
-    self.att, self.ffn = TimeMix(cfg, p['att']), ChannelMix(p['ffn'])
-
-  def __call__(self, x_BxTxC, layer_state, carry, implementation):
-    """layer_state: (wkv [B, H, V, K] or shared [H, V, K], att shift [B, C], ffn shift [B, C]).
-    carry: what a layer hands the next one within a pass (nothing in x052)."""
-    wkv_state, att_shift, ffn_shift = layer_state
-    dtype = x_BxTxC.dtype
-    att_out, att_shift, wkv_state = self.att(self.ln1(x_BxTxC).astype(dtype), att_shift, wkv_state, implementation)
-    x_BxTxC = residual(x_BxTxC, att_out)
-    ffn_out, ffn_shift = self.ffn(self.ln2(x_BxTxC).astype(dtype), ffn_shift)
-    return residual(x_BxTxC, ffn_out), (wkv_state, att_shift, ffn_shift), carry
+def block(cfg, p: dict, layer: int) -> Block:
+  del layer  # every x052 block is built alike
+  return Block(p, TimeMix(cfg, p['att']), ChannelMix(p['ffn']))

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import wkv6
-from rwkv_jax.models.common import LayerNorm, Linear, WKVState, dot, f32, group_norm, residual, token_shift
+from rwkv_jax.models.common import Block, LayerNorm, Linear, WKVState, dot, f32, group_norm, token_shift
 
 NAME = 'x060'
 LORAS = ('mix', 'decay')  # RWKVConfig.lora names: time_maa_w1/w2 (five mixes share it) and time_decay_w1/w2
@@ -89,7 +89,8 @@ class TimeMix(nnx.Module):
     self.time_state = WKVState(f32(jnp.asarray(p['time_state'])) if 'time_state' in p else
                                jnp.zeros((cfg.n_head, cfg.head_size, cfg.head_size), jnp.float32))
 
-  def __call__(self, x_BxTxC, shift_BxC, wkv_state, implementation):
+  def __call__(self, x_BxTxC, shift_BxC, wkv_state, carry, implementation):
+    """Returns (output [B, T, C], new shift, new WKV state, carry: nothing to hand on in x060)."""
     B, T, C = x_BxTxC.shape
     H, N = self.cfg.n_head, self.cfg.head_size
     act = lambda a: a.astype(x_BxTxC.dtype)
@@ -108,7 +109,7 @@ class TimeMix(nnx.Module):
     g = jax.nn.silu(act(self.gate(xg)))
     w = (f32(self.time_decay[...]) + dot(jnp.tanh(dot(xw, self.time_decay_w1)), self.time_decay_w2)).reshape(B, T, H, N)
     y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(self.time_faaaa[...]), wkv_state, implementation=implementation)
-    return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state
+    return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state, carry
 
 
 class ChannelMix(nnx.Module):
@@ -127,20 +128,6 @@ class ChannelMix(nnx.Module):
     return r * act(self.value(k)), f32(x_BxTxC[:, -1])
 
 
-class Block(nnx.Module):
-  """ln1 -> time mix -> residual -> ln2 -> channel mix -> residual."""
-
-  def __init__(self, cfg, p: dict, layer: int):
-    del layer
-    self.ln1, self.ln2 = LayerNorm(p['ln1']), LayerNorm(p['ln2'])
-    self.att, self.ffn = TimeMix(cfg, p['att']), ChannelMix(p['ffn'])
-
-  def __call__(self, x_BxTxC, layer_state, carry, implementation):
-    """layer_state: (wkv [B, H, V, K] or shared [H, V, K], att shift [B, C], ffn shift [B, C]).
-    carry: what a layer hands the next one within a pass (nothing in x060)."""
-    wkv_state, att_shift, ffn_shift = layer_state
-    dtype = x_BxTxC.dtype
-    att_out, att_shift, wkv_state = self.att(self.ln1(x_BxTxC).astype(dtype), att_shift, wkv_state, implementation)
-    x_BxTxC = residual(x_BxTxC, att_out)
-    ffn_out, ffn_shift = self.ffn(self.ln2(x_BxTxC).astype(dtype), ffn_shift)
-    return residual(x_BxTxC, ffn_out), (wkv_state, att_shift, ffn_shift), carry
+def block(cfg, p: dict, layer: int) -> Block:
+  del layer  # every x060 block is built alike
+  return Block(p, TimeMix(cfg, p['att']), ChannelMix(p['ffn']))

@@ -19,7 +19,7 @@ from flax import nnx
 
 from pallas_kernels.wkv7 import wkv7
 from rwkv_jax.errors import UserError
-from rwkv_jax.models.common import LayerNorm, Linear, WKVState, dot, f32, group_norm, residual, token_shift
+from rwkv_jax.models.common import Block, LayerNorm, Linear, WKVState, dot, f32, group_norm, token_shift
 
 NAME = 'x070'
 # RWKVConfig.lora names: the decay (w1/w2), in-context rate (a1/a2), value-residual (v1/v2) and gate
@@ -170,20 +170,5 @@ class ChannelMix(nnx.Module):
     return act(self.value(k)), f32(x_BxTxC[:, -1])
 
 
-class Block(nnx.Module):
-  """ln1 -> time mix -> residual -> ln2 -> channel mix -> residual."""
-
-  def __init__(self, cfg, p: dict, layer: int):
-    self.ln1, self.ln2 = LayerNorm(p['ln1']), LayerNorm(p['ln2'])
-    self.att, self.ffn = TimeMix(cfg, p['att'], layer), ChannelMix(p['ffn'])
-
-  def __call__(self, x_BxTxC, layer_state, carry, implementation):
-    """layer_state: (wkv [B, H, V, K] or shared [H, V, K], att shift [B, C], ffn shift [B, C]).
-    carry: v_first, layer 0's v [B, T, C], which layer 0 makes and every later layer mixes in."""
-    wkv_state, att_shift, ffn_shift = layer_state
-    dtype = x_BxTxC.dtype
-    att_out, att_shift, wkv_state, carry = self.att(self.ln1(x_BxTxC).astype(dtype), att_shift, wkv_state, carry,
-                                                    implementation)
-    x_BxTxC = residual(x_BxTxC, att_out)
-    ffn_out, ffn_shift = self.ffn(self.ln2(x_BxTxC).astype(dtype), ffn_shift)
-    return residual(x_BxTxC, ffn_out), (wkv_state, att_shift, ffn_shift), carry
+def block(cfg, p: dict, layer: int) -> Block:
+  return Block(p, TimeMix(cfg, p['att'], layer), ChannelMix(p['ffn']))
