@@ -132,15 +132,15 @@ def over_chunks(cfg, n_chunks, step, carry):
   return lax.fori_loop(0, n_chunks // cfg.state_steps, body, carry)
 
 
-def state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
-  """A sequential state kernel: grid B x H x V-tiles over [B, T, H, K] inputs
-  (one [B, T, H, V] input tiled along V) and a start state [B, H, V, K]; the
+def state_call(kernel, name, cfg, full_inputs, vtile_inputs, s_in):
+  """A sequential state kernel: grid B x H x V-tiles over [B, T, H, K] inputs read whole and
+  [B, T, H, V] inputs tiled along V with the state's rows, and a start state [B, H, V, K]; the
   rows of a state evolve apart, so V-tiles are independent programs.
-  kernel(*kv_refs, v_ref, s_ref, states_ref, last_ref, cfg=, n_chunks=) stores
-  the state at each chunk boundary. Returns (those states [B, H, n_chunks, V, K],
-  bf16 unless cfg.exact, the last state, fp32)."""
-  B, T, H, K = kv_inputs[0].shape
-  V = v_input.shape[-1]
+  kernel(*full_refs, *vtile_refs, s_ref, states_ref, last_ref, cfg=, n_chunks=) stores the
+  state at each chunk boundary. Returns (those states [B, H, n_chunks, V, K], bf16 unless
+  cfg.exact, the last state, fp32)."""
+  B, T, H, K = full_inputs[0].shape
+  V = vtile_inputs[0].shape[-1]
   bv = min(cfg.block_v, V)
   n_chunks = T // cfg.chunk
   full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
@@ -150,14 +150,26 @@ def state_call(kernel, name, cfg, kv_inputs, v_input, s_in):
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg, n_chunks=n_chunks),
       grid=(B, H, V // bv),
-      in_specs=[full] * len(kv_inputs) + [vtile, state],
+      in_specs=[full] * len(full_inputs) + [vtile] * len(vtile_inputs) + [state],
       out_specs=[states, state],
       out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32 if cfg.exact else jnp.bfloat16),
                  jax.ShapeDtypeStruct((B, H, V, K), f32)],
       compiler_params=cfg.params(cfg.warps_state),
       interpret=cfg.interpret,
       name=name,
-  )(*kv_inputs, v_input, s_in)
+  )(*full_inputs, *vtile_inputs, s_in)
+
+
+def to_chunks(x_BxTxHxD, chunk):
+  """[B, T, H, D] -> [B, H, T // chunk, chunk, D]: the layout the xla_chunked forms compute in."""
+  B, T, H, D = x_BxTxHxD.shape
+  return x_BxTxHxD.reshape(B, T // chunk, chunk, H, D).transpose(0, 3, 1, 2, 4)
+
+
+def from_chunks(x_BxHxNxLxD):
+  """The inverse of to_chunks."""
+  B, H, N, L, D = x_BxHxNxLxD.shape
+  return x_BxHxNxLxD.transpose(0, 2, 3, 1, 4).reshape(B, N * L, H, D)
 
 
 IMPLEMENTATIONS = ('scan', 'xla_chunked', 'pallas')  # what every WKV entry point offers

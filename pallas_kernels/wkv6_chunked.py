@@ -32,19 +32,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import from_chunks, to_chunks
+
 f32 = jnp.float32
 # HIGHEST: GPUs would run fp32 dots in TF32, too coarse for the decay gradient.
 _ein = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
-
-
-def _to_chunks(x_BxTxHxD, chunk):
-  B, T, H, D = x_BxTxHxD.shape
-  return x_BxTxHxD.reshape(B, T // chunk, chunk, H, D).transpose(0, 3, 1, 2, 4)
-
-
-def _from_chunks(x_BxHxNxLxD):
-  B, H, N, L, D = x_BxHxNxLxD.shape
-  return x_BxHxNxLxD.transpose(0, 2, 3, 1, 4).reshape(B, N * L, H, D)
 
 
 def _decays(g, sub):
@@ -160,6 +152,6 @@ def wkv6_chunked(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, 
   T = r_BxTxHxK.shape[1]
   pad = ((0, 0), (0, -T % chunk), (0, 0), (0, 0))
   g = -jnp.exp(w_BxTxHxK.astype(f32))
-  r, k, v, g = (_to_chunks(jnp.pad(x.astype(f32), pad), chunk) for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g))
+  r, k, v, g = (to_chunks(jnp.pad(x.astype(f32), pad), chunk) for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g))
   o, sT = _wkv(r, k, v, g, u_HxK.astype(f32), s0_BxHxVxK.astype(f32), sub)
-  return _from_chunks(o)[:, :T], sT
+  return from_chunks(o)[:, :T], sT

@@ -444,7 +444,7 @@ def _wkv(cfg, r, k, v, w, u, s0):
 
 
 def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
-  h, sT = state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), v, s0)
+  h, sT = state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), (v,), s0)
   one_dot = one_dot_chunks(cfg, w)
   o = _out_or_dv(_out_fwd_kernel, 'wkv6_out_fwd', cfg, one_dot, r, k, w, u_Hx1xK, v, h, jnp.result_type(r, k, v))
   return (o, sT), (r, k, v, w, u_Hx1xK, h, one_dot)
@@ -453,7 +453,7 @@ def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
 def _wkv_bwd(cfg, residuals, cotangents):
   r, k, v, w, u_Hx1xK, h, one_dot = residuals
   do, dsT = cotangents
-  dh, ds0 = state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), do, dsT)
+  dh, ds0 = state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), (do,), dsT)
   dv = _out_or_dv(_dv_bwd_kernel, 'wkv6_dv', cfg, one_dot, r, k, w, u_Hx1xK, do, dh, v.dtype)
   dr, dk, dw, du_part = _dr_dk_dw(cfg, one_dot, r, k, w, u_Hx1xK, v, do, h, dh)
   return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0

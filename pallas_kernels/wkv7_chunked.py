@@ -32,19 +32,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import from_chunks, to_chunks
+
 f32 = jnp.float32
 # HIGHEST: GPUs would run fp32 dots in TF32, too coarse for the decay gradient.
 _ein = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
-
-
-def _to_chunks(x_BxTxHxD, chunk):
-  B, T, H, D = x_BxTxHxD.shape
-  return x_BxTxHxD.reshape(B, T // chunk, chunk, H, D).transpose(0, 3, 1, 2, 4)
-
-
-def _from_chunks(x_BxHxNxLxD):
-  B, H, N, L, D = x_BxHxNxLxD.shape
-  return x_BxHxNxLxD.transpose(0, 2, 3, 1, 4).reshape(B, N * L, H, D)
 
 
 class _Matrices:
@@ -137,6 +129,6 @@ def wkv7_chunked(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHx
   T = r_BxTxHxK.shape[1]
   pad = ((0, 0), (0, -T % chunk), (0, 0), (0, 0))
   inputs = (r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK)
-  r, w, k, v, a, b = (_to_chunks(jnp.pad(x.astype(f32), pad), chunk) for x in inputs)
+  r, w, k, v, a, b = (to_chunks(jnp.pad(x.astype(f32), pad), chunk) for x in inputs)
   y, sT = _wkv(r, w, k, v, a, b, s0_BxHxVxK.astype(f32), sub)
-  return _from_chunks(y)[:, :T], sT
+  return from_chunks(y)[:, :T], sT

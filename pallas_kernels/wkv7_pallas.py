@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import KernelConfig, dot, dot_mode, over_chunks, row, strictly_lower, sum_rows
+from pallas_kernels.common import KernelConfig, dot, dot_mode, over_chunks, row, state_call, strictly_lower, sum_rows
 
 f32 = jnp.float32
 # The steepest log decay a step may have with 16-row chunks: the split factors
@@ -234,32 +234,6 @@ def _grads_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, v_ref, dy_ref, wy_ref, uv_r
 # ----------------------------------------------------------------------------- pallas_calls
 
 
-def _state_call(kernel, name, cfg, full_inputs, vtile_inputs, s_in):
-  """A sequential state kernel: grid B x H x V-tiles over [B, T, H, K] inputs and [B, T, H, V]
-  inputs tiled along V with the state's rows (common.state_call, with several V-tiled inputs).
-  Returns (the state at each chunk boundary [B, H, n_chunks, V, K], bf16 unless cfg.exact, the
-  last state, fp32)."""
-  B, T, H, K = full_inputs[0].shape
-  V = vtile_inputs[0].shape[-1]
-  bv = min(cfg.block_v, V)
-  n_chunks = T // cfg.chunk
-  full = pl.BlockSpec((None, T, None, K), lambda b, h, j: (b, 0, h, 0))
-  vtile = pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j))
-  state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
-  states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
-  return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg, n_chunks=n_chunks),
-      grid=(B, H, V // bv),
-      in_specs=[full] * len(full_inputs) + [vtile] * len(vtile_inputs) + [state],
-      out_specs=[states, state],
-      out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32 if cfg.exact else jnp.bfloat16),
-                 jax.ShapeDtypeStruct((B, H, V, K), f32)],
-      compiler_params=cfg.params(cfg.warps_state),
-      interpret=cfg.interpret,
-      name=name,
-  )(*full_inputs, *vtile_inputs, s_in)
-
-
 def _chunk_call(kernel, name, cfg, row_inputs, state_inputs, out_shape):
   """A parallel chunk kernel: grid chunks x B x H over [B, T, H, X] row inputs
   and [B, H, n_chunks, V, K] states, writing [B, T, H, X] outputs."""
@@ -291,7 +265,7 @@ def _wkv_fwd(cfg, r, w, k, v, a, b, s0):
   rows_f32 = lambda x, width=None: jax.ShapeDtypeStruct(x.shape[:3] + (width or x.shape[3],), f32)
   wy, uv, p, t = _chunk_call(_prep_fwd_kernel, 'wkv7_prep_fwd', cfg, (w, k, a, b, v), (),
                              (rows_f32(k), rows_f32(v), rows_f32(k), rows_f32(k, cfg.chunk)))
-  h, sT = _state_call(_state_fwd_kernel, 'wkv7_state_fwd', cfg, (w, k, b, wy), (v, uv), s0)
+  h, sT = state_call(_state_fwd_kernel, 'wkv7_state_fwd', cfg, (w, k, b, wy), (v, uv), s0)
   y_shape = jax.ShapeDtypeStruct(v.shape, jnp.result_type(r, k, v))
   y, = _chunk_call(_out_kernel, 'wkv7_out', cfg, (r, w, k, b, v, wy, uv), (h,), (y_shape,))
   return (y, sT), (r, w, k, v, a, b, wy, uv, p, t, h)
@@ -302,7 +276,7 @@ def _wkv_bwd(cfg, residuals, cotangents):
   dy, dsT = cotangents
   q, = _chunk_call(_prep_bwd_kernel, 'wkv7_prep_bwd', cfg, (r, w, b, dy, t), (),
                    (jax.ShapeDtypeStruct(v.shape, f32),))
-  dh, ds0 = _state_call(_state_bwd_kernel, 'wkv7_state_bwd', cfg, (r, w, a, p), (dy, q), dsT)
+  dh, ds0 = state_call(_state_bwd_kernel, 'wkv7_state_bwd', cfg, (r, w, a, p), (dy, q), dsT)
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   grads = _chunk_call(_grads_kernel, 'wkv7_grads', cfg, (r, w, k, a, b, v, dy, wy, uv, p, q), (h, dh),
                       tuple(like(x) for x in (r, w, k, v, a, b)))
