@@ -79,7 +79,7 @@ def test_text_blocks_join_up_to_the_whole_encoding(tmp_path, small_blocks):
   text_path.write_text(text, encoding='utf-8', newline='')
   blocks = [block for block, _, _ in data._text_blocks(str(text_path), data._BLOCK_BYTES)]
   assert len(blocks) > 10 and b''.join(blocks) == text.encode('utf-8')
-  assert max(map(len, blocks)) > 700
+  assert max(map(len, blocks)) >= 700  # the run was not cut (a block may be exactly the run)
   data._build_cache(str(text_path), str(tmp_path / 'cache'), 'utf-8', 1, BLOCK_BYTES)
   loaded = data.read_binidx(str(tmp_path / 'cache'))
   np.testing.assert_array_equal(loaded.tokens, tokenizer.encode(text))
@@ -160,7 +160,7 @@ def test_killed_build_is_not_trusted(tmp_path):
   build = subprocess.Popen([sys.executable, '-c', _BUILD_UNTIL_KILLED, str(jsonl)], cwd=REPO_ROOT,
                            stdout=subprocess.PIPE, text=True)
   assert build.stdout.readline() == 'building\n'
-  assert (tmp_path / 'chat.jsonl.tokens.bin.tmp').exists()  # killed mid-write
+  assert (tmp_path / f'chat.jsonl.tokens.bin.{build.pid}.tmp').exists()  # killed mid-write (run_dir.temp_path)
   build.send_signal(signal.SIGKILL)
   build.wait()
   np.testing.assert_array_equal(data.load_data(str(jsonl)).doc_lens,
