@@ -58,9 +58,8 @@ MIN_LOG_DECAY = -5.0
 
 @dataclasses.dataclass(frozen=True)
 class Config(KernelConfig):
-  """KernelConfig with WKV-7's defaults: one chunk a state step (two a loop
-  iteration were ~5% slower at (8,4096,64,64) on an H100, about even at
-  (1,1024,32,64)); 32-row V-tiles and 8-warp chunk programs were slower too."""
+  """KernelConfig with WKV-7's defaults: 16-row chunks and one chunk a state step (the tiling
+  sweep that chose them, and default_config's V-tiles: docs/performance.md)."""
   chunk: int = 16  # the split factors' exponents grow with the chunk: see MIN_LOG_DECAY
   state_steps: int = 1
 
