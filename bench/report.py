@@ -1,11 +1,15 @@
-"""What every benchmark records with its numbers: the card, the date, the package versions, and
-where the results go (`<kind>_<card>_<date>.json` and `.md` in each output directory)."""
+"""What every benchmark shares: how a JAX function is timed, and what it records with its numbers
+(the card, the date, the package versions; `<kind>_<card>_<date>.json` and `.md` in each output
+directory)."""
 import datetime
 import importlib.metadata
 import json
 import pathlib
 import platform
 import re
+import time
+
+import numpy as np
 
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda12-plugin', 'jax-cuda13-plugin', 'flax', 'optax', 'torch', 'triton',
             'flash-linear-attention', 'fla-core', 'rwkv-fla')
@@ -38,3 +42,19 @@ def write(out_dirs, name: str, record: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f'{name}.json').write_text(json.dumps(record, indent=2) + '\n')
     (out / f'{name}.md').write_text(markdown)
+
+
+def time_jax(fn, args, reps, inner=5) -> float:
+  """ms: the median over `reps` of the mean of `inner` back-to-back calls (hides dispatch gaps),
+  after two calls that compile and warm up."""
+  import jax  # pylint: disable=g-import-not-at-top  (the other benchmarks here need no JAX)
+  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return float(np.median(times)) * 1e3

@@ -45,20 +45,6 @@ def make_inputs(B, T, H, K, seed=0):
   return (r, k, v, w, u, s0), (dy, dsT)
 
 
-def _time_jax(fn, args, reps, inner=5):
-  """Median over `reps` of the mean of `inner` back-to-back calls (hides dispatch gaps)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return float(np.median(times)) * 1e3
-
-
 def jax_fns(op):
   fwd = jax.jit(op)
 
@@ -75,7 +61,7 @@ def jax_fns(op):
 def bench_jax(impl, shape, reps, op=None):
   args, cts = make_inputs(*shape)
   fwd, grad = jax_fns(op or functools.partial(wkv6, implementation=impl))
-  return _time_jax(fwd, args, reps), _time_jax(lambda a, c: grad(a, c), (args, cts), reps)
+  return report.time_jax(fwd, args, reps), report.time_jax(lambda a, c: grad(a, c), (args, cts), reps)
 
 
 def bench_fla(shape):

@@ -25,7 +25,6 @@ import argparse
 import functools
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -69,20 +68,6 @@ def _jax_args(inputs, cts):
   return (bf(r), jnp.asarray(w), bf(k), bf(v), bf(a), bf(b), jnp.asarray(s0)), (bf(cts[0]), jnp.asarray(cts[1]))
 
 
-def _time_jax(fn, args, reps, inner=5):
-  """Median over `reps` of the mean of `inner` back-to-back calls (hides dispatch gaps)."""
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return float(np.median(times)) * 1e3
-
-
 def _jax_fns(impl):
   op = functools.partial(wkv7, implementation=impl)
 
@@ -97,7 +82,7 @@ def _jax_fns(impl):
 def bench_jax(impl, shape, reps):
   args, cts = _jax_args(*make_inputs(*shape)[1:])
   fwd, fwd_bwd = _jax_fns(impl)
-  return _time_jax(fwd, args, reps), _time_jax(fwd_bwd, (args, cts), reps)
+  return report.time_jax(fwd, args, reps), report.time_jax(fwd_bwd, (args, cts), reps)
 
 
 def error_jax(impl):

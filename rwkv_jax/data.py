@@ -392,27 +392,34 @@ def _build_cache(path: str, prefix: str, data_type: str, workers: int | None = N
                       'multiprocessing needs') from None
 
 
+def build_cache(source: str, prefix: str, stamp: dict, outputs, build) -> None:
+  """Runs `build()` to write `outputs` (a cache of `source`) unless `prefix.json` holds `stamp` and
+  every output exists. The stamp goes first and comes back last, so a build cut short is never
+  trusted."""
+  stamp_path = pathlib.Path(prefix + '.json')
+  try:
+    is_fresh = json.loads(stamp_path.read_text()) == stamp
+  except (OSError, ValueError):
+    is_fresh = False
+  if is_fresh and all(os.path.isfile(p) for p in outputs):
+    return
+  try:
+    stamp_path.unlink(missing_ok=True)
+    build()
+    run_dir.temp_path(stamp_path).write_text(json.dumps(stamp))
+    os.replace(run_dir.temp_path(stamp_path), stamp_path)
+  except OSError as e:
+    raise UserError(f'cannot write the token cache {prefix}.bin next to {source} ({e.strerror}); '
+                    'copy the data to a writable folder') from None
+
+
 def _load_cached(path: str, data_type: str) -> TokenData:
   """Tokenizes `path` into a binidx cache next to it unless the cache matches the file already."""
   prefix = path + _CACHE_SUFFIX
   stat = os.stat(path)
   stamp = {'source_size': stat.st_size, 'source_mtime_ns': stat.st_mtime_ns,
            'tokenizer': 'rwkv_vocab_v20230424'}
-  stamp_path = pathlib.Path(prefix + '.json')
-  try:
-    is_fresh = json.loads(stamp_path.read_text()) == stamp
-  except (OSError, ValueError):
-    is_fresh = False
-  if not (is_fresh and os.path.isfile(prefix + '.bin') and os.path.isfile(prefix + '.idx')):
-    try:
-      # The stamp goes first and comes back last, so a build cut short is never trusted.
-      stamp_path.unlink(missing_ok=True)
-      _build_cache(path, prefix, data_type)
-      run_dir.temp_path(stamp_path).write_text(json.dumps(stamp))
-      os.replace(run_dir.temp_path(stamp_path), stamp_path)
-    except OSError as e:
-      raise UserError(f'cannot write the token cache {prefix}.bin next to {path} ({e.strerror}); '
-                      'copy the data to a writable folder') from None
+  build_cache(path, prefix, stamp, (prefix + '.bin', prefix + '.idx'), lambda: _build_cache(path, prefix, data_type))
   return dataclasses.replace(read_binidx(prefix), source=path)
 
 

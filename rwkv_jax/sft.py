@@ -19,7 +19,6 @@ data.read_binidx loads as TokenData.answer_starts and the Sampler masks the loss
 built from; anything else rebuilds it.
 """
 
-import json
 import os
 import pathlib
 
@@ -55,23 +54,9 @@ def build(path: str, split: str, fields, template: str = 'chat') -> str:
   prefix = cache_prefix(path)
   stamp = {'sources': _source_files(path), 'split': split, 'fields': list(fields), 'template': template,
            'tokenizer': 'rwkv_vocab_v20230424'}
-  stamp_path = pathlib.Path(prefix + '.json')
-  try:
-    is_fresh = json.loads(stamp_path.read_text()) == stamp
-  except (OSError, ValueError):
-    is_fresh = False
   outputs = (prefix + '.bin', prefix + '.idx', prefix + data.ANSWERS_SUFFIX)
-  if is_fresh and all(os.path.isfile(p) for p in outputs):
-    return prefix
-  try:
-    # The stamp goes first and comes back last, so a build cut short is never trusted.
-    stamp_path.unlink(missing_ok=True)
-    _write_cache(_load_split(path, split, fields), prefix, fields, template)
-    run_dir.temp_path(stamp_path).write_text(json.dumps(stamp))
-    os.replace(run_dir.temp_path(stamp_path), stamp_path)
-  except OSError as e:
-    raise UserError(f'cannot write the token cache {prefix}.bin next to {path} ({e.strerror}); '
-                    'copy the data to a writable folder') from None
+  data.build_cache(path, prefix, stamp, outputs,
+                   lambda: _write_cache(_load_split(path, split, fields), prefix, fields, template))
   return prefix
 
 
