@@ -161,7 +161,8 @@ def _digest(prefix: str) -> str:
 
 def run_load_data(checkout: str, jsonl: pathlib.Path) -> dict:
   _remove_cache(jsonl)
-  env = dict(os.environ, PYTHONPATH=checkout)
+  # The checkout first; what PYTHONPATH already holds (e.g. wheels unpacked elsewhere) after it.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (checkout, os.environ.get('PYTHONPATH')))))
   result = measure([sys.executable, '-c', _BUILD, str(jsonl)], checkout, env)
   result.update(json.loads(result.pop('stdout').strip().splitlines()[-1]))
   result['tokens_digest'] = _digest(str(jsonl) + '.tokens')

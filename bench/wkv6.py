@@ -6,7 +6,7 @@ state; gradients of all six inputs. fla's chunk_rwkv6 gets the same tensors
 (w as a bf16 log decay -exp(w) leaf, its state key-major, scale 1.0).
 
   python bench/wkv6.py [--out DIR ...] [--sweep]
-  python bench/wkv6.py --registers [SM ...]   # on the GPU machine (jaxlib's CUDA plugin, triton's ptxas)
+  python bench/wkv6.py --registers [SM ...]   # needs triton, not a GPU
 
 Writes wkv6_<card>_<date>.json and .md into each --out directory (default
 bench/results) and prints the table. --sweep also times pallas tilings at each
@@ -145,18 +145,19 @@ def sweep(shape, reps, budget_s):
 
 
 def registers(shape, compute_capability=None):
-  """Registers and spills of each Pallas kernel as Triton builds it for sm_<compute_capability>
-  (`ptxas -v`; default: this GPU's; see pallas_kernels/triton_builds.py)."""
+  """Registers and spills of each Pallas kernel as triton builds it for sm_<compute_capability>
+  (`ptxas -v`; needs triton, not a GPU; see pallas_kernels/triton_builds.py)."""
   from pallas_kernels import triton_builds  # pylint: disable=g-import-not-at-top
   cfg = Config(block_v=16)
   args, _ = make_inputs(*shape)
   loss = lambda *a: sum(jnp.sum(o) for o in wkv6_pallas(
       *a[:5], jnp.broadcast_to(a[5], (shape[0],) + a[5].shape), interpret=False, config=cfg))
-  cc = compute_capability or int(jax.devices()[0].compute_capability.replace('.', ''))
-  logs = triton_builds.ptxas_logs(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), args, cc)
-  for name, (build, log) in sorted(logs.items()):
-    print(f'sm_{cc} {name} warps={build.warps}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
-          f'shared={build.shared_bytes}', flush=True)
+  ir = triton_builds.triton_ir(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *args)
+  cc = compute_capability or int(getattr(jax.devices()[0], 'compute_capability', '9.0').replace('.', ''))
+  for name, text in sorted(ir.items()):
+    kernel, log = triton_builds.build(name, text, cc, cc, cfg)
+    print(f'sm_{cc} {name} warps={kernel.metadata.num_warps}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
+          f'shared={kernel.metadata.shared}', flush=True)
 
 
 def write_results(out_dirs, name, record):

@@ -1,109 +1,107 @@
-"""The Pallas kernels as Triton builds them for a chosen GPU generation, run through the real code path.
+"""The WKV-6 Pallas kernels as triton builds them for a chosen GPU generation, outside XLA.
 
 XLA compiles each Pallas kernel's Triton IR for the GPU it runs on. To see
 what another generation gets (registers and spills: `bench/wkv6.py
 --registers 80 86 89`) or to run it (`tests/test_wkv6.py` runs the sm_80, 86
-and 89 builds on the GPU at hand), `built_for` switches Pallas' Triton
-lowering, for the calls inside it, to its other path: jaxlib compiles the IR to
-PTX itself (with XLA's Triton pipeline, for the generation asked for) and the
-launch assembles that PTX for the GPU at hand. What runs inside is the real
-code (wkv6_pallas, its custom VJP, its kernel calls and arguments), only built
-for another generation.
-
-Private JAX hooks (JAX 0.11: pallas_call_registration.USE_NEW_CUSTOM_CALL,
-gpu_info.get_gpu_info, jax._src.lib.triton.compile), so diagnostics and tests
-only: training never imports it. Needs a GPU build of jaxlib, and triton for
-its ptxas (register reports).
+and 89 builds on the GPU at hand, their PTX assembled for it), this module
+captures that IR through a private JAX hook and compiles it with the installed
+triton. Diagnostics and tests only: training never imports it. Needs triton
+(and torch to run a build).
 """
-import collections
-import contextlib
 import functools
 import pathlib
-import re
 import subprocess
 import tempfile
 
 import jax
-from jax._src.lib import triton as jaxlib_triton  # private: Pallas' Triton-to-PTX compile
-from jax._src.pallas.triton import gpu_info  # private: the GPU Pallas lowers for
-from jax._src.pallas.triton import pallas_call_registration  # private: which launch path Pallas emits
+from jax._src.pallas.triton import lowering  # private: where Pallas hands XLA the Triton IR
 import jax.numpy as jnp
 import numpy as np
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 
-from pallas_kernels.wkv6_pallas import wkv6_pallas
-
-Build = collections.namedtuple('Build', 'ptx shared_bytes warps')  # one kernel as jaxlib's Triton compiled it
-NOT_BUILT = "Pallas compiled no kernel through jaxlib's Triton compile (this JAX version takes another path)"
+from pallas_kernels.wkv6_pallas import chunks_per_wide_program, default_config, one_dot_chunks, wkv6_pallas
 
 
-@contextlib.contextmanager
-def built_for(build_sm, run_sm=None):
-  """Within: Pallas Triton kernels are compiled to PTX for sm_<build_sm>, which is assembled for
-  sm_<run_sm> (default: this GPU's) when they launch.
+def triton_ir(fn, *args):
+  """{kernel name: Triton IR text} of the Pallas kernels in jax.jit(fn)(*args), lowered for CUDA."""
+  ir = {}
+  lower = lowering.lower_jaxpr_to_triton_module
 
-  Yields {kernel name: Build}, filled as kernels are compiled (at lowering). JAX's
-  caches are cleared on entry and exit, so no executable built outside is run
-  inside, nor the other way round.
-  """
-  if run_sm is None:
-    run_sm = gpu_info.get_gpu_info().compute_capability
-  target = gpu_info.GpuInfo(gpu_version=None, arch_name=f'{build_sm // 10}.{build_sm % 10}',
-                            compute_capability=run_sm)
-  builds = {}
-  compile_ptx = jaxlib_triton.compile
-
-  def compile_recorded(platform, module, arch_name, **options):
-    result = compile_ptx(platform, module, arch_name, **options)
-    name = re.search(r'\.entry\s+(\w+)', result.asm).group(1)
-    builds[name] = Build(result.asm, result.smem_bytes, options['num_warps'])
+  def capture(jaxpr, *lower_args, **kwargs):
+    result = lower(jaxpr, *lower_args, **kwargs)
+    ir[jaxpr.debug_info.func_name] = result.module.operation.get_asm(enable_debug_info=False)
     return result
 
-  hooks = ((pallas_call_registration, 'USE_NEW_CUSTOM_CALL', True),
-           (gpu_info, 'get_gpu_info', lambda: target),
-           (jaxlib_triton, 'compile', compile_recorded))
-  saved = [(module, name, getattr(module, name)) for module, name, _ in hooks]
-  jax.clear_caches()
+  lowering.lower_jaxpr_to_triton_module = capture
   try:
-    for module, name, value in hooks:
-      setattr(module, name, value)
-    yield builds
-  finally:
-    for module, name, value in saved:
-      setattr(module, name, value)
-    jax.clear_caches()
-
-
-def ptxas_logs(fn, args, sm):
-  """{kernel name: (Build, `ptxas -v` log)} of the Pallas kernels in jax.jit(fn)(*args) built for
-  sm_<sm> (lowered only: nothing runs)."""
-  from triton.backends.nvidia.compiler import get_ptxas  # pylint: disable=g-import-not-at-top
-  with built_for(sm, run_sm=sm) as builds:
     jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
-  if not builds:
-    raise RuntimeError(NOT_BUILT)
-  arch = f'sm_{sm}a' if sm in (90, 100) else f'sm_{sm}'
-  logs = {}
+  finally:
+    lowering.lower_jaxpr_to_triton_module = lower
+  return ir
+
+
+def build(name, ir_text, build_sm, run_sm, cfg):
+  """(triton CompiledKernel, `ptxas -v` log): kernel `name`'s IR compiled with cfg's warps and stages
+  for sm_<build_sm>, its PTX assembled for sm_<run_sm>."""
+  num_warps = cfg.warps_state if name.startswith('wkv6_state') else cfg.warps_chunk
   with tempfile.TemporaryDirectory() as tmp:
-    for name, build in builds.items():
-      ptx = pathlib.Path(tmp) / f'{name}.ptx'
-      ptx.write_text(build.ptx)
-      log = subprocess.run([get_ptxas(sm).path, '-v', f'--gpu-name={arch}', str(ptx), '-o', f'{ptx}.cubin'],
-                           capture_output=True, text=True, check=True).stderr
-      logs[name] = (build, log)
-  return logs
+    tmp = pathlib.Path(tmp)
+    (tmp / f'{name}.ttir').write_text(ir_text)
+    kernel = triton.compile(str(tmp / f'{name}.ttir'), target=GPUTarget('cuda', build_sm, 32),
+                            options=dict(num_warps=num_warps, num_stages=cfg.stages))
+    (tmp / f'{name}.ptx').write_text(kernel.asm['ptx'])
+    arch = f'sm_{run_sm}a' if run_sm in (90, 100) else f'sm_{run_sm}'
+    log = subprocess.run([get_ptxas(run_sm).path, '-v', f'--gpu-name={arch}', str(tmp / f'{name}.ptx'),
+                          '-o', str(tmp / f'{name}.cubin')], capture_output=True, text=True, check=True).stderr
+    kernel.kernel = (tmp / f'{name}.cubin').read_bytes()  # the binary CompiledKernel loads at its first launch
+  return kernel, log
 
 
 def wkv6_built_for(build_sm, r, k, v, w, u_HxK, s0_BxHxVxK, dy, dsT):
-  """WKV-6 forward and backward, wkv6_pallas's, with its kernels built for sm_<build_sm>, run on this GPU.
+  """WKV-6 forward and backward through the kernels as built for sm_<build_sm>, run on this GPU.
 
-  Takes float32 numpy arrays and runs r, k, v and dy as bf16; returns numpy
-  float32 (y, sT, dr, dk, dv, dw, du, ds0).
+  Takes float32 numpy arrays (heads with V = K) and runs r, k, v and dy as
+  bf16; returns numpy (y, sT, dr, dk, dv, dw, du, ds0), the kernels called as
+  wkv6_pallas's custom VJP calls them. T must need no padding (a multiple of
+  the chunk times its state steps).
   """
-  bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
-  args = (bf16(r), bf16(k), bf16(v), jnp.asarray(w), jnp.asarray(u_HxK), jnp.asarray(s0_BxHxVxK))
-  with built_for(build_sm) as builds:
-    (y, sT), vjp = jax.vjp(functools.partial(wkv6_pallas, interpret=False), *args)
-    outs = jax.block_until_ready((y, sT) + vjp((bf16(dy), jnp.asarray(dsT))))
-  if not builds:
-    raise RuntimeError(NOT_BUILT)
-  return tuple(np.asarray(x.astype(jnp.float32)) for x in outs)
+  import torch  # pylint: disable=g-import-not-at-top
+  B, T, H, K = r.shape
+  cfg = default_config(B, H)
+  L, bv, n = cfg.chunk, min(cfg.block_v, K), T // cfg.chunk
+  if T % (L * cfg.state_steps):
+    raise ValueError(f'T={T} is not a multiple of {L * cfg.state_steps}')
+  bf16_args = [jnp.asarray(x, jnp.bfloat16) for x in (r, k, v)] + [jnp.asarray(x) for x in (w, u_HxK, s0_BxHxVxK)]
+
+  def fwd_bwd(*args):
+    out, vjp = jax.vjp(functools.partial(wkv6_pallas, interpret=False, config=cfg), *args)
+    return out, vjp((jnp.asarray(dy, jnp.bfloat16), jnp.asarray(dsT)))
+
+  run_sm = int(''.join(map(str, torch.cuda.get_device_capability())))
+  built = {name: build(name, text, build_sm, run_sm, cfg)[0]
+           for name, text in triton_ir(fwd_bwd, *bf16_args).items()}
+
+  one_dot = torch.from_numpy(np.array(one_dot_chunks(cfg, jnp.asarray(w)))).to('cuda')
+  cuda = lambda x, dtype=torch.float32: torch.from_numpy(np.ascontiguousarray(x, np.float32)).to('cuda', dtype)
+  r, k, v, dy = (cuda(x, torch.bfloat16) for x in (r, k, v, dy))
+  w, u, s0, dsT = cuda(w), cuda(u_HxK.reshape(H, 1, K)), cuda(s0_BxHxVxK), cuda(dsT)
+  empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device='cuda', dtype=dtype)
+  like_r = lambda: empty(B, T, H, K, dtype=torch.bfloat16)
+  state_copies = lambda: empty(B, H, n, K, K, dtype=torch.bfloat16)  # the chunk kernels' copies, bf16 for bf16 inputs
+  h, sT, dh, ds0 = state_copies(), empty(B, H, K, K), state_copies(), empty(B, H, K, K)
+  y, dv, dr, dk, dw, du_part = like_r(), like_r(), like_r(), like_r(), empty(B, T, H, K), empty(B, n, H, K)
+  # Each chunk kernel is two calls: the second (_wide) takes its outputs as aliased inputs too.
+  states, chunks = (B, H, K // bv), (n, B, H)
+  wide = (n // chunks_per_wide_program(cfg, n, B, H), B, H)
+  built['wkv6_state_fwd'][states](k, w, v, s0, h, sT)
+  built['wkv6_out_fwd'][chunks](one_dot, r, k, w, u, v, h, y)
+  built['wkv6_out_fwd_wide'][wide](one_dot, r, k, w, u, v, h, y, y)
+  built['wkv6_state_bwd'][states](r, w, dy, dsT, dh, ds0)
+  built['wkv6_dv'][chunks](one_dot, r, k, w, u, dy, dh, dv)
+  built['wkv6_dv_wide'][wide](one_dot, r, k, w, u, dy, dh, dv, dv)
+  grads = (dr, dk, dw, du_part)
+  built['wkv6_dr_dk_dw'][chunks](one_dot, r, k, w, u, v, dy, h, dh, *grads)
+  built['wkv6_dr_dk_dw_wide'][wide](one_dot, r, k, w, u, v, dy, h, dh, *grads, *grads)
+  return tuple(x.float().cpu().numpy() for x in (y, sT, dr, dk, dv, dw, du_part.sum((0, 1)), ds0))

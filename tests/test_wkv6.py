@@ -231,7 +231,9 @@ def test_gpu_ampere_ada_builds(sm):
   """The kernels as triton builds them for Ampere and Ada, run on this GPU with their PTX
   assembled for it: no such card is at hand, so this is how their code path is run. (At
   this B * H the Hopper build's dots are mma.sync too, wgmma needing 64-row tiles; the
-  builds differ in the rest.) They run through wkv6_pallas itself, only compiled otherwise."""
+  builds differ in the rest.)"""
+  pytest.importorskip('triton')
+  pytest.importorskip('torch')
   from pallas_kernels.triton_builds import wkv6_built_for  # pylint: disable=g-import-not-at-top
   seed, inputs, cotangents, expected = random_case(B=2, T=256, H=4, K=64, dtype='bfloat16', shared_s0=False)
   assert_close(seed, 'bfloat16', wkv6_built_for(sm, *inputs, *cotangents), expected, f'sm_{sm} build')
