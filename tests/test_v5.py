@@ -178,6 +178,51 @@ def test_state_gradient_is_the_derivative_of_the_loss(tmp_path):
   np.testing.assert_allclose(finite_difference, norm, rtol=1e-2)
 
 
+def wkv5_through_pallas_matches_the_scan(tmp_path):
+  """The x052 model's logits and state gradients with the Pallas WKV-6 kernels (x052's static decay
+  broadcast over time) against the fp32 scan reference, decays drawn over RWKV-6's range and past it
+  at both ends (time_decay in [-8, 3]: per-step decay factors from ~1 down to e^-20)."""
+  cfg = CONFIGS['L2_H2_world_vocab']
+  rng = np.random.default_rng()
+  tensors = synthetic.random_checkpoint(cfg, seed=rng)
+  for i in range(cfg.n_layer):
+    decay = tensors[f'blocks.{i}.att.time_decay']
+    tensors[f'blocks.{i}.att.time_decay'] = rng.uniform(-8, 3, decay.shape).astype(decay.dtype)
+  checkpoint.write_pth(tmp_path / 'model.pth', tensors)
+  tokens = rng.integers(0, cfg.vocab_size, (2, 42))  # T = 41 is no multiple of any chunk
+
+  def logits_and_grads(implementation):
+    model = rwkv_jax.load(tmp_path / 'model.pth', dtype=jnp.float32, implementation=implementation)
+    graphdef, states, weights = train.split(model)
+    states = jax.tree.map(lambda s: jnp.asarray(np.random.default_rng(1).normal(0, 0.5, s.shape), jnp.float32),
+                          states)
+
+    def loss(states, weights, tokens):
+      logits, _ = nnx.merge(graphdef, states, weights)(tokens[:, :-1])
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1).mean(), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(states, weights, tokens)
+    return logits, grads
+
+  logits, grads = logits_and_grads('pallas')
+  expected_logits, expected_grads = logits_and_grads('scan')
+  assert_logits_close(logits, expected_logits)
+  # The kernels' fp32 bound (tests/test_wkv6.py TOL), on each layer's state gradient.
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+    error = np.sqrt(np.mean(np.square(got - want)) / np.mean(np.square(want)))
+    assert error <= 1e-4, f'state gradient relative RMS error {error:.1e}'
+
+
+def test_wkv5_through_the_pallas_kernels_in_interpret_mode_matches_the_scan(tmp_path):
+  wkv5_through_pallas_matches_the_scan(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
+def test_wkv5_through_the_compiled_pallas_kernels_matches_the_scan(tmp_path):
+  wkv5_through_pallas_matches_the_scan(tmp_path)
+
+
 def test_the_trainer_tunes_an_x052_state_that_the_rwkv_package_mounts(tmp_path, capsys):
   cfg = CONFIGS['L2_H2_world_vocab']
   rng = np.random.default_rng()
