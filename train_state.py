@@ -398,6 +398,7 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
   batch, eval_loss = make_batches(run, seed), make_eval(run)
   step, stop_at = start_step, start_step + (args.max_steps or run.total_steps)
   in_flight = collections.deque()  # (step number, its loss on the device) of dispatched steps not yet logged
+  epoch, ended = start_step // run.steps_per_epoch, None  # ended: the last epoch whose end_epoch is written
 
   def log_in_flight(keep: int):
     while len(in_flight) > keep:
@@ -430,10 +431,18 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
       progress.end_epoch()
       if step >= stop_at and step < (epoch + 1) * run.steps_per_epoch:
         break
-      end_epoch(run, epoch, step, train_state, seed, progress, eval_loss)
+      with run_dir.deferred_interrupt():
+        end_epoch(run, epoch, step, train_state, seed, progress, eval_loss)
+        ended = epoch
   except KeyboardInterrupt:
     log_in_flight(keep=0)
-    save_train_checkpoint(run, train_state, step, seed)
+    if step == (epoch + 1) * run.steps_per_epoch and ended != epoch:
+      # The epoch's last step ran, its files were not written yet: a checkpoint alone would resume
+      # in the next epoch, and this one's rwkv-N.pth and log line would never be written.
+      with run_dir.deferred_interrupt():
+        end_epoch(run, epoch, step, train_state, seed, progress, eval_loss)
+    else:
+      save_train_checkpoint(run, train_state, step, seed)
     print(f'\ninterrupted at step {step}: continue with the same command and --resume')
     sys.exit(130)
   return train_state, step

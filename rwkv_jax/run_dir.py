@@ -19,6 +19,8 @@ import os
 import pathlib
 import re
 import shutil
+import signal
+import threading
 
 from rwkv_jax.errors import UserError
 
@@ -249,3 +251,21 @@ def claim(proj_dir, resume: bool, overwrite: bool):
     if outputs:
       print(f'--overwrite: the previous run\'s files moved into {_move_aside(proj, outputs)}/')
     yield proj
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+  """A Ctrl-C inside the block is raised when the block ends, so that the files the block writes
+  together (an epoch's log line, state and checkpoint) are all written or none. Off the main
+  thread, where Python delivers no signals, the block runs as it is."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt

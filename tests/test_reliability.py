@@ -368,6 +368,34 @@ def test_an_interrupted_step_is_logged_and_epoch_means_cover_every_session(input
   assert len(epoch_1) == 1 and abs(float(epoch_1[0].split()[1]) - expected) < 1e-6, (epoch_1, expected)
 
 
+def test_a_ctrl_c_after_an_epochs_last_step_still_writes_that_epochs_files(inputs, run_copy, capsys, monkeypatch):
+  """Resumed at step 4, a Ctrl-C while reading step 6's loss (the last step of epoch 1, when no
+  step is queued behind it): epoch 1's rwkv-1.pth and log line are written before the exit, and
+  the resumed run goes on with epoch 2 and writes epoch 1's line only once."""
+  make_train_step = train.make_train_step
+
+  def interrupted_at_step_6(*args, **kwargs):
+    step_fn, calls = make_train_step(*args, **kwargs), []
+
+    def step(*step_args):
+      state, loss = step_fn(*step_args)
+      calls.append(1)
+      return state, InterruptOnce(loss) if STOPPED_AT + len(calls) == 6 else loss
+    return step
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train, 'make_train_step', interrupted_at_step_6)
+    status, out, err = command(train_state.main, capsys, *inputs, *FLAGS, '--proj_dir', run_copy, '--resume')
+  assert status == 130 and 'interrupted at step 6' in out, err
+  assert (run_copy / 'rwkv-1.pth').exists()
+  assert json.loads((run_copy / 'checkpoint' / 'meta.json').read_text())['step'] == 6
+  status, out, err = command(train_state.main, capsys, *inputs, *FLAGS, '--proj_dir', run_copy, '--resume')
+  assert status == 0, err
+  assert [p.name for p in train_state.saved_states(run_copy)] == ['rwkv-0.pth', 'rwkv-1.pth', 'rwkv-2.pth']
+  epochs = [line.split()[0] for line in (run_copy / 'train_log.txt').read_text().splitlines() if line[0].isdigit()]
+  assert epochs == ['0', '1', '2'], epochs
+
+
 @pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600)])
 def test_files_are_written_with_the_mode_the_umask_gives(tmp_path, umask, mode):
   state = np.zeros(synthetic.TINY.state_shape, np.float32)
