@@ -25,6 +25,7 @@ import pathlib
 import shutil
 import sys
 import time
+import typing
 
 import jax
 import ml_dtypes
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
   add('--adam_eps', type=float, default=1e-8, help='Adam epsilon')
   add('--precision', choices=tuple(DTYPES), default='bf16', help='compute dtype of the weights')
   add('--grad_cp', type=int, choices=(0, 1), default=1, help='1: recompute each layer in the backward pass')
-  add('--dataload', choices=data.DATALOADS, default='pad', help='pad: one document per sample; get: random windows')
+  add('--dataload', choices=data.DATALOADS, default='pad',
+      help='pad: one document per sample; pack: documents back to back, each from the tuned state; get: random windows')
   add('--loss_mask', choices=data.LOSS_MASKS, default='none', help='qa: loss only on the assistant answers')
   add('--accumulate_grad_batches', type=int, default=1, help='micro-steps per optimizer step')
   add('--random_seed', type=int, default=-1, help='seed for sampling (-1: pick one and record it)')
@@ -193,7 +195,8 @@ def prepare(args) -> Run:
   graphdef, states, weights = train.split(model)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:args.devices]), ('data',))
 
-  epoch_steps = args.epoch_steps or max(tokens.num_docs // (args.micro_bsz * args.devices), 1)
+  samples = data.samples_per_pass(tokens, args.dataload, args.ctx_len)  # documents, or packed rows
+  epoch_steps = args.epoch_steps or max(samples // (args.micro_bsz * args.devices), 1)
   steps_per_epoch = max(epoch_steps // (args.devices * args.accumulate_grad_batches), 1)
   lr = train.schedule(args.lr_schedule, args.lr_init, args.lr_final, args.warmup_steps,
                       steps_per_epoch * args.epoch_count)
@@ -290,6 +293,7 @@ class Progress:
     self.file = open(self.path, 'a', encoding='utf-8')
     self.wandb = wandb_log.Logger(run.args, run.proj)  # does nothing without --wandb
     self.bar, self.epoch, self.t_last = None, 0, time.perf_counter()
+    self.epoch_timings = []  # (step time, document tokens) of this session's steps of the epoch
 
   def read_log(self) -> list[dict]:
     """The steps logged so far; a line a kill cut short is left out."""
@@ -316,29 +320,41 @@ class Progress:
   def start_epoch(self, epoch: int, done_in_epoch: int):
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self.epoch, self.t_last = epoch, time.perf_counter()
+    self.epoch_timings = []
     self.bar = tqdm(total=self.run.steps_per_epoch, initial=done_in_epoch,
                     desc=f'epoch {self.run.args.epoch_begin + epoch}', dynamic_ncols=True)
 
-  def record(self, done: int, loss: float) -> None:
+  def record(self, done: int, loss: float, doc_tokens: int) -> None:
     """Logs optimizer step `done` (1-based) once its loss has been read from the device; a step
-    logged already (a Ctrl-C between logging it and taking it off the queue) is not logged twice."""
+    logged already (a Ctrl-C between logging it and taking it off the queue) is not logged twice.
+    doc_tokens: the step's tokens of real documents (data.Sampler.doc_tokens), not padding."""
     if done in self.loss_at:
       return
     run = self.run
     now = time.perf_counter()
     step_time, self.t_last = now - self.t_last, now
+    self.epoch_timings.append((step_time, doc_tokens))
     kt_s = run.global_bsz * run.args.ctx_len / step_time / 1000
     rate = run.lr_at(done - 1)
     self.loss_at[done] = loss
     try:
       self.file.write(json.dumps({'step': done, 'epoch': run.args.epoch_begin + self.epoch, 'loss': loss, 'lr': rate,
-                                  'tokens_per_s': kt_s * 1000, 'kt_s': kt_s}) + '\n')
+                                  'tokens_per_s': kt_s * 1000, 'kt_s': kt_s, 'step_s': step_time,
+                                  'doc_tokens_per_s': doc_tokens / step_time}) + '\n')
       self.file.flush()
     except OSError as e:
       raise run_dir.write_error(self.path, e, unchanged=False) from e
     self.wandb.log_step(done, loss, rate, kt_s * 1000)
     self.bar.set_postfix_str(f'loss {loss:.4f} lr {rate:.4g} {kt_s:.2f} Kt/s', refresh=False)
     self.bar.update()
+
+  def epoch_speed(self) -> str:
+    """The epoch's mean step time and tokens of real documents a second (this session's steps),
+    as train_log.txt has them."""
+    if not self.epoch_timings:
+      return ''
+    seconds, doc_tokens = np.sum(self.epoch_timings, axis=0)
+    return f' step_s {seconds / len(self.epoch_timings):.4f} doc_tokens_per_s {doc_tokens / seconds:.1f}'
 
   def end_epoch(self):
     self.bar.close()
@@ -350,17 +366,27 @@ class Progress:
     self.file.close()
 
 
+class Batch(typing.NamedTuple):
+  """What an optimizer step takes, and its tokens of real documents (data.Sampler.doc_tokens)."""
+  arrays: tuple  # step_fn's arguments after the weights, on the devices: rows, targets (, doc_starts)
+  doc_tokens: int
+
+
 def make_batches(run: Run, seed: int):
-  """batch(epoch, step): the embedding rows and targets of an optimizer step, on the devices."""
+  """batch(epoch, step): the Batch of an optimizer step."""
   args = run.args
   sampler = data.Sampler(run.tokens, args.ctx_len, run.global_bsz, args.dataload, epoch_steps=run.steps_per_epoch,
                          seed=seed, shuffle=bool(args.data_shuffle), loss_mask=args.loss_mask)
   shape = (args.accumulate_grad_batches, args.micro_bsz * args.devices, args.ctx_len)
 
   def batch(epoch: int, step: int):
-    inputs, targets = sampler.batch(epoch, step % run.steps_per_epoch)
-    rows = quant.take_rows(run.embedding, inputs.reshape(shape))
-    return jax.device_put((rows, targets.reshape(shape)), run.sharding(None, 'data'))
+    step %= run.steps_per_epoch
+    inputs, targets = sampler.batch(epoch, step)
+    arrays = (quant.take_rows(run.embedding, inputs.reshape(shape)), targets.reshape(shape))
+    doc_starts = sampler.doc_starts(epoch, step)
+    if doc_starts is not None:
+      arrays += (doc_starts.reshape(shape[:2] + doc_starts.shape[1:]),)
+    return Batch(jax.device_put(arrays, run.sharding(None, 'data')), sampler.doc_tokens(epoch, step))
 
   return batch
 
@@ -371,7 +397,9 @@ def make_eval(run: Run):
   if not args.eval_data:
     return None
   eval_data = data.load_data(args.eval_data, None, run.cfg.vocab_size)
-  sampler = evaluate.eval_sampler(eval_data, args.ctx_len, args.micro_bsz * args.devices, args.dataload,
+  # Packed or padded, a document's loss is the same (tests/test_pack.py): pack's eval is pad's.
+  dataload = 'pad' if args.dataload == 'pack' else args.dataload
+  sampler = evaluate.eval_sampler(eval_data, args.ctx_len, args.micro_bsz * args.devices, dataload,
                                   args.eval_batches, args.loss_mask)
 
   def eval_loss(train_state) -> float:
@@ -397,18 +425,19 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
   step_fn = train.make_train_step(run.graphdef, run.opt, remat=bool(args.grad_cp))
   batch, eval_loss = make_batches(run, seed), make_eval(run)
   step, stop_at = start_step, start_step + (args.max_steps or run.total_steps)
-  in_flight = collections.deque()  # (step number, its loss on the device) of dispatched steps not yet logged
+  # (step number, its loss on the device, its document tokens) of dispatched steps not yet logged
+  in_flight = collections.deque()
   epoch, ended = start_step // run.steps_per_epoch, None  # ended: the last epoch whose end_epoch is written
 
   def log_in_flight(keep: int):
     while len(in_flight) > keep:
       # A Ctrl-C lands most often in float(), waiting for the device: the step stays queued until
       # it is logged, so that the handler below logs it.
-      done, loss = in_flight[0]
+      done, loss, doc_tokens = in_flight[0]
       loss = float(loss)
       if not math.isfinite(loss):
         stop_on_nan(run, train_state, step, seed, done, loss)
-      progress.record(done, loss)
+      progress.record(done, loss, doc_tokens)
       in_flight.popleft()
 
   try:
@@ -422,10 +451,10 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
       if step == start_step and step < last:
         print('compiling the training step...', flush=True)
       while step < last:
-        train_state, loss = step_fn(train_state, run.weights, *inputs)
+        train_state, loss = step_fn(train_state, run.weights, *inputs.arrays)
         step += 1
+        in_flight.append((step, loss, inputs.doc_tokens))
         inputs = batch(epoch, step) if step < last else None
-        in_flight.append((step, loss))
         log_in_flight(keep=1)
       log_in_flight(keep=0)
       progress.end_epoch()
@@ -453,7 +482,7 @@ def end_epoch(run: Run, epoch: int, step: int, train_state, seed: int, progress:
   args = run.args
   mean = progress.epoch_mean(epoch)  # over every session of the epoch, resumed or not
   line = (f'{args.epoch_begin + epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {run.lr_at(max(step - 1, 0)):.8f} '
-          f'{datetime.datetime.now()} {epoch}')
+          f'{datetime.datetime.now()} {epoch}{progress.epoch_speed()}')
   if eval_loss is not None:
     held_out = eval_loss(train_state)
     line += f' eval_loss {held_out:.6f}'

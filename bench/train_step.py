@@ -13,6 +13,7 @@ persistent JAX cache of the weight-drawing functions for its later processes.
 
   python bench/train_step.py --out DIR [DIR ...] [--quick] [--configs REGEX] [--tiny] [--init_decays]
                              [--gpus N] [--budget_s S] [--peft_repo PATH] [--peer_ops cuda,fla]
+                             [--dataload pad,pack]
 
   --quick    only 1.6B ctx 1024 bsz 1 grad_cp 1, both implementations
   --configs  keep configurations whose name (e.g. 7B-1024x1-cp1-nf4) matches REGEX
@@ -25,6 +26,11 @@ persistent JAX cache of the weight-drawing functions for its later processes.
   --peft_repo  the RWKV-PEFT checkout (default .peer/RWKV-PEFT, with its commit in
              .peer/RWKV-PEFT.commit); the results record its repository and commit
   --peer_ops   RWKV-PEFT's WKV ops to time, each a peer column (without a GPU: its CPU check)
+  --dataload   instead of the table above, real documents at ctx 512 (1.6B x060 and 1.5B x070): the
+             bundled demo chat data's lengths and a log-normal (median 150 tokens, sigma 1), one a
+             row (pad; RWKV-PEFT too) or packed (pack); results get a _dataload suffix and report
+             tokens of real documents a second (doc tok/s: a step's document tokens, data.doc_spans,
+             over its time; averaged over 20,000 drawn documents, the timed batch is the first rows)
 
 Writes train_step_<card>_<date>.json and .md into every --out directory and
 prints the table.
@@ -110,14 +116,18 @@ class Case:
   micro_bsz: int
   grad_cp: int
   quant: str = 'none'
+  dataload: str = ''  # with `lengths`: 'pad' or 'pack' batches of documents of those lengths
+  lengths: str = ''  # a key of LENGTHS; '' for rows of random tokens, all of them taking a loss
 
   @property
   def name(self):
-    return f'{self.model}-{self.ctx_len}x{self.micro_bsz}-cp{self.grad_cp}-{self.quant}'
+    documents = f'-{self.dataload}-{self.lengths}' if self.lengths else ''
+    return f'{self.model}-{self.ctx_len}x{self.micro_bsz}-cp{self.grad_cp}-{self.quant}{documents}'
 
   def impls(self):
-    # RWKV-PEFT dropped quantized training, and never state-tuned RWKV-5.
-    return ('rwkv-jax', 'peer') if self.quant == 'none' and MODELS[self.model].version != '5' else ('rwkv-jax',)
+    # RWKV-PEFT dropped quantized training, never state-tuned RWKV-5, and pads every document.
+    peer = self.quant == 'none' and MODELS[self.model].version != '5' and self.dataload != 'pack'
+    return ('rwkv-jax', 'peer') if peer else ('rwkv-jax',)
 
 
 # In priority order: when --budget_s runs short, the tail is skipped.
@@ -128,6 +138,48 @@ CASES = (Case('1.6B', 1024, 1, 1), Case('1.6B', 1024, 1, 1, 'int8'), Case('1.6B'
          Case('x070-7.2B', 1024, 1, 1), Case('x052-1.5B', 1024, 1, 1), Case('x052-1.5B', 512, 8, 1))
 TINY_CASES = (Case('tiny', 32, 2, 1), Case('tiny', 32, 2, 0), Case('tiny', 32, 2, 1, 'int8'),
               Case('tiny', 32, 2, 1, 'nf4'), Case('tiny-x070', 32, 2, 1), Case('tiny-x070', 32, 2, 1, 'nf4'))
+LOGNORMAL_SIGMA = 1.0  # of the log-normal lengths: chosen before any measurement, a broad spread
+DOC_SAMPLE = 20000  # documents drawn to average a step's document tokens over
+
+
+def document_cases(dataloads: list[str], tiny: bool) -> list[Case]:
+  """--dataload: each model and length distribution, the modes in the order given."""
+  models, ctx_len, bsz = (('tiny', 'tiny-x070'), 64, 2) if tiny else (('1.6B', 'x070-1.5B'), 512, 8)
+  return [Case(model, ctx_len, bsz, 1, dataload=dataload, lengths=lengths)
+          for model in models for lengths in LENGTHS for dataload in dataloads]
+
+
+def demo_lengths(rng, n: int) -> np.ndarray:
+  """Lengths of the bundled demo chat data's documents (World-tokenized, END_OF_DOC included), drawn."""
+  from rwkv_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  path = ROOT / 'rwkv_jax' / 'demo_data' / 'demo.jsonl'
+  lines = [json.loads(line)['text'] for line in path.read_text().splitlines() if line.strip()]
+  return rng.choice([len(ids) + 1 for ids in tokenizer.encode_batch(lines)], n)
+
+
+LENGTHS = {
+    'demo': demo_lengths,
+    'lognormal': lambda rng, n: np.maximum(np.round(np.exp(rng.normal(np.log(150), LOGNORMAL_SIGMA, n))), 2),
+}
+
+
+def document_fill(case: Case) -> float:
+  """The share of a step's positions that hold document tokens (data.doc_spans), for DOC_SAMPLE
+  documents of the case's lengths one a row (pad) or packed (pack)."""
+  from rwkv_jax import data  # pylint: disable=g-import-not-at-top
+  lengths = LENGTHS[case.lengths](np.random.default_rng(0), DOC_SAMPLE).astype(np.int64)
+  rows = data.pack_documents(lengths, case.ctx_len).num_rows if case.dataload == 'pack' else len(lengths)
+  return data.doc_spans(lengths, case.ctx_len).sum() / (rows * case.ctx_len)
+
+
+def packed_doc_starts(case: Case) -> np.ndarray:
+  """[1, micro_bsz, M] document-start flags of the first rows that the case's lengths pack into."""
+  from rwkv_jax import data  # pylint: disable=g-import-not-at-top
+  lengths = LENGTHS[case.lengths](np.random.default_rng(0), DOC_SAMPLE).astype(np.int64)
+  sampler = data.Sampler(data.TokenData(np.zeros(int(lengths.sum()), np.int32), np.cumsum(lengths) - lengths,
+                                        lengths, case.lengths), case.ctx_len, case.micro_bsz, 'pack', epoch_steps=1,
+                         shuffle=False)
+  return sampler.doc_starts(0, 0)[None]
 
 
 def matmul_params(cfg: RWKVConfig) -> int:
@@ -222,13 +274,16 @@ def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_
   if cache_dir:  # but not the step: compile_s stays a cold compile
     jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, case.micro_bsz, case.ctx_len + 1), np.int32)
+  # Token values do not change a step's time: random ones stand in for the documents' (all taking a
+  # loss), and a pack batch adds its rows' document-start flags.
   targets = jax.device_put(tokens[..., 1:])
+  after_inputs = (targets, jax.device_put(packed_doc_starts(case))) if case.dataload == 'pack' else (targets,)
   inputs = lambda: jax.device_put(quant.take_rows(embedding, tokens[..., :-1]))
   opt = train.optimizer(train.schedule('cos', 1.0, 0.01, 10, 1000))
   train_state = train.init_train_state(states, opt)
   step = train.make_train_step(graphdef, opt, remat=bool(case.grad_cp))
   t0 = time.perf_counter()
-  compiled = step.lower(train_state, weights, inputs(), targets).compile()
+  compiled = step.lower(train_state, weights, inputs(), *after_inputs).compile()
   compile_s = time.perf_counter() - t0
   steps, warmup = step_counts(case)
   # As in train_state.py: one step stays queued on the device while the host gathers and sends
@@ -236,7 +291,7 @@ def jax_worker(case: Case, implementation: str | None, init_decays: bool, cache_
   # interval between two loss reads.
   reads, batch, pending = [], inputs(), None
   for _ in range(warmup + steps + 1):
-    train_state, loss = compiled(train_state, weights, batch, targets)
+    train_state, loss = compiled(train_state, weights, batch, *after_inputs)
     batch = inputs()
     if pending is not None:
       float(pending)
@@ -325,11 +380,14 @@ def run_case(case: Case, impl: str, implementation: str | None, init_decays: boo
 
 def make_row(case: Case, impl: str, result: dict, peak_flops: float) -> dict:
   row = {'impl': impl, **dataclasses.asdict(case)}
-  row.update({k: None for k in ('tok_s', 'peak_gb', 'mfu', 'step_ms', 'compile_s')})
+  row.update({k: None for k in ('tok_s', 'peak_gb', 'mfu', 'step_ms', 'compile_s', 'doc_fill', 'doc_tok_s')})
   row.update(result)
   if row.get('step_ms'):
     row['tok_s'] = case.ctx_len * case.micro_bsz / (row['step_ms'] / 1e3)
     row['mfu'] = flops_per_token(MODELS[case.model], case.grad_cp) * row['tok_s'] / peak_flops
+  if case.lengths:
+    row['doc_fill'] = document_fill(case)
+    row['doc_tok_s'] = row['tok_s'] * row['doc_fill'] if row['tok_s'] else None
   return row
 
 
@@ -338,7 +396,8 @@ def fmt(value, spec):
 
 
 def case_of(row: dict) -> Case:
-  return Case(row['model'], row['ctx_len'], row['micro_bsz'], row['grad_cp'], row['quant'])
+  return Case(row['model'], row['ctx_len'], row['micro_bsz'], row['grad_cp'], row['quant'], row.get('dataload', ''),
+              row.get('lengths', ''))
 
 
 def faster_peer(peers: list[dict]) -> dict:
@@ -389,11 +448,34 @@ def markdown(record: dict) -> str:
         f'| {fmt(ours.get("mfu"), ".1%")} | {fmt(ours.get("compile_s"), ".1f")} | {first_steps or "—"} |')
   errors = [f'- {r["impl"]} {case_of(r).name}: {r.get("error") or r.get("note")}'
             for r in rows if r.get('error') or r.get('note')]
-  return '\n'.join(lines + ([''] + errors if errors else [])) + '\n'
+  return '\n'.join(lines + documents_table(record) + ([''] + errors if errors else [])) + '\n'
+
+
+def documents_table(record: dict) -> list[str]:
+  """--dataload: tokens of real documents a second, pack against our pad and RWKV-PEFT's (faster op) pad."""
+  rows = [r for r in record['results'] if r.get('lengths')]
+  if not rows:
+    return []
+  ops = (record.get('peer') or {}).get('ops', [])
+  find = lambda impl, case: next((r for r in rows if r['impl'] == impl and case_of(r) == case), None) or {}
+  lines = ['', f'Tokens of real documents a second (doc tok/s = tok/s x the share of positions holding a document, '
+           f'over {DOC_SAMPLE:,} drawn documents; log-normal sigma {LOGNORMAL_SIGMA}).', '',
+           '| model | lengths | pad fill | pack fill | pad doc tok/s | pack doc tok/s | pack / pad '
+           '| RWKV-PEFT pad doc tok/s | pack / RWKV-PEFT pad |', '|---' * 9 + '|']
+  for case in dict.fromkeys(dataclasses.replace(case_of(r), dataload='') for r in rows):
+    pad, pack = (find('rwkv-jax', dataclasses.replace(case, dataload=mode)) for mode in ('pad', 'pack'))
+    peer = faster_peer([find(PEER_PREFIX + op, dataclasses.replace(case, dataload='pad')) for op in ops])
+    ratio = lambda a, b: (f'{a["doc_tok_s"] / b["doc_tok_s"]:.2f}x' if a.get('doc_tok_s') and b.get('doc_tok_s')
+                          else '—')
+    lines.append(f'| {case.model} | {case.lengths} | {fmt(pad.get("doc_fill"), ".1%")} '
+                 f'| {fmt(pack.get("doc_fill"), ".1%")} | {fmt(pad.get("doc_tok_s"), ",.0f")} '
+                 f'| {fmt(pack.get("doc_tok_s"), ",.0f")} | {ratio(pack, pad)} '
+                 f'| {fmt(peer.get("doc_tok_s"), ",.0f")} | {ratio(pack, peer)} |')
+  return lines
 
 
 def select_cases(args) -> list[Case]:
-  cases = TINY_CASES if args.tiny else CASES
+  cases = document_cases(args.dataload.split(','), args.tiny) if args.dataload else TINY_CASES if args.tiny else CASES
   if args.quick:
     cases = cases[:1]
   if args.configs:
@@ -416,6 +498,7 @@ def main():
   p.add_argument('--peft_repo', type=pathlib.Path, default=DEFAULT_PEFT_REPO if DEFAULT_PEFT_REPO.exists() else None,
                  help='RWKV-PEFT checkout for the peer (default: .peer/RWKV-PEFT when it exists)')
   p.add_argument('--peer_ops', default='cuda,fla', help='RWKV-PEFT ops to time (--op of its train.py)')
+  p.add_argument('--dataload', help='pad,pack (or one): real-document batches instead of the usual table')
   p.add_argument('--worker', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
@@ -478,8 +561,8 @@ def main():
     commit = next((r['peer'] for r in rows if r['impl'].startswith(PEER_PREFIX) and r.get('peer')), None)
     record['peer'] = {'checkout': str(args.peft_repo), 'commit': commit, 'ops': peer_ops}
   table = markdown(record)
-  report.write(args.out, report.stem('train_step', card, date) + ('_init-decays' if args.init_decays else ''),
-               record, table)
+  suffix = ('_init-decays' if args.init_decays else '') + ('_dataload' if args.dataload else '')
+  report.write(args.out, report.stem('train_step', card, date) + suffix, record, table)
   print(table)
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ Kernels run through Pallas' Triton lowering: tiles are 2-D, a tile has no row
 indexing, and cumulative sums are dots with a 0/1 matrix.
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 f32 = jnp.float32
+
+# Packed rows (several documents in one row, each started from the initial state) place every
+# document at a multiple of DOC_ALIGN tokens: a multiple of every implementation's chunk (WKV-6
+# 32 rows, WKV-7 16), so that a document starts only at a chunk boundary and the kernels need
+# nothing but a per-chunk flag "start this chunk from s0". The data packer reads it from here.
+DOC_ALIGN = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +125,37 @@ def row(x_LxK, i):
   return jnp.sum(jnp.where(rows == i, x_LxK, 0.0), axis=0, keepdims=True)
 
 
+def check_doc_starts(doc_starts_BxM, B, T):
+  """Refuses document-start flags of another shape than [B, ceil(T / DOC_ALIGN)]."""
+  expected = (B, -(-T // DOC_ALIGN))
+  if tuple(doc_starts_BxM.shape) != expected:
+    raise ValueError(f'doc_starts is {tuple(doc_starts_BxM.shape)}; {B} rows of {T} tokens need {expected}, '
+                     f'a flag every DOC_ALIGN = {DOC_ALIGN} tokens')
+
+
+def chunk_starts(doc_starts_BxM, chunk, n_chunks):
+  """[B, n_chunks] int32, 1 where chunk n (rows n*chunk ..) begins a document, from the
+  per-DOC_ALIGN-block flags doc_starts_BxM (see doc_first_tokens); chunks past the flags are 0."""
+  if DOC_ALIGN % chunk:
+    raise ValueError(f'packed documents need a chunk that divides DOC_ALIGN {DOC_ALIGN}, not {chunk}')
+  B, M = doc_starts_BxM.shape
+  per_block = DOC_ALIGN // chunk
+  starts_BxMxP = jnp.zeros((B, M, per_block), jnp.int32).at[:, :, 0].set(doc_starts_BxM.astype(jnp.int32))
+  starts_BxN = starts_BxMxP.reshape(B, M * per_block)
+  return jnp.pad(starts_BxN, ((0, 0), (0, max(n_chunks - M * per_block, 0))))[:, :n_chunks]
+
+
+def doc_first_tokens(doc_starts_BxM, T):
+  """[B, T] bool, True at the first token of every document of a packed row.
+
+  doc_starts_BxM, M = ceil(T / DOC_ALIGN): True where a document begins at token m * DOC_ALIGN;
+  what stands before it in the row is another document, which it must not see.
+  """
+  check_doc_starts(doc_starts_BxM, doc_starts_BxM.shape[0], T)
+  aligned_T = jnp.arange(T) % DOC_ALIGN == 0
+  return jnp.repeat(doc_starts_BxM.astype(bool), DOC_ALIGN, axis=1)[:, :T] & aligned_T
+
+
 def over_chunks(cfg, n_chunks, step, carry):
   """step(n, carry) for n = 0 .. n_chunks-1, cfg.state_steps chunks a loop iteration: a
   chunk's loads and dot do not depend on the carried state, so unrolled they overlap the
@@ -132,12 +168,44 @@ def over_chunks(cfg, n_chunks, step, carry):
   return lax.fori_loop(0, n_chunks // cfg.state_steps, body, carry)
 
 
-def state_call(kernel, name, cfg, full_inputs, vtile_inputs, s_in):
+def forward_pass(cfg, n_chunks, step, s0_ref, starts_ref):
+  """The forward state pass: s <- step(n, s) from s0, chunk by chunk, the last s returned; a
+  chunk that starts a document (starts_ref[n] == 1, packed rows) starts from s0 instead."""
+  if starts_ref is None:
+    return over_chunks(cfg, n_chunks, step, s0_ref[...])
+
+  def restarting_step(n, s_VxK):
+    return step(n, jnp.where(starts_ref[n] == 1, s0_ref[...], s_VxK))
+
+  return over_chunks(cfg, n_chunks, restarting_step, s0_ref[...])
+
+
+def backward_pass(cfg, n_chunks, step, dsT, starts_ref):
+  """The backward state pass, chunks in reverse: ds <- step(n, ds), from a chunk's end-state
+  gradient to its start state's, starting from the last state's gradient dsT; returns d s0.
+  Where chunk n starts a document (starts_ref[n] == 1) the gradient at its start is s0's (summed
+  over the documents), and the previous chunk's end state, which that document never sees, gets 0."""
+  reverse = lambda i: n_chunks - 1 - i
+  if starts_ref is None:
+    return over_chunks(cfg, n_chunks, lambda i, ds: step(reverse(i), ds), dsT)
+
+  def restarting_step(i, carry):
+    ds_VxK, ds0_VxK = carry
+    ds_VxK = step(reverse(i), ds_VxK)
+    start = starts_ref[reverse(i)] == 1
+    return jnp.where(start, 0.0, ds_VxK), ds0_VxK + jnp.where(start, ds_VxK, 0.0)
+
+  ds_VxK, ds0_VxK = over_chunks(cfg, n_chunks, restarting_step, (dsT, jnp.zeros_like(dsT)))
+  return ds_VxK + ds0_VxK
+
+
+def state_call(kernel, name, cfg, full_inputs, vtile_inputs, s_in, starts=None):
   """A sequential state kernel: grid B x H x V-tiles over [B, T, H, K] inputs read whole and
   [B, T, H, V] inputs tiled along V with the state's rows, and a start state [B, H, V, K]; the
   rows of a state evolve apart, so V-tiles are independent programs.
-  kernel(*full_refs, *vtile_refs, s_ref, states_ref, last_ref, cfg=, n_chunks=) stores the
-  state at each chunk boundary. Returns (those states [B, H, n_chunks, V, K], bf16 unless
+  kernel(*full_refs, *vtile_refs, s_ref, states_ref, last_ref, cfg=, n_chunks=, starts_ref=)
+  stores the state at each chunk boundary; starts_ref holds the row's chunk_starts (packed
+  rows), None without `starts`. Returns (those states [B, H, n_chunks, V, K], bf16 unless
   cfg.exact, the last state, fp32)."""
   B, T, H, K = full_inputs[0].shape
   V = vtile_inputs[0].shape[-1]
@@ -147,17 +215,29 @@ def state_call(kernel, name, cfg, full_inputs, vtile_inputs, s_in):
   vtile = pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j))
   state = pl.BlockSpec((None, None, bv, K), lambda b, h, j: (b, h, j, 0))
   states = pl.BlockSpec((None, None, n_chunks, bv, K), lambda b, h, j: (b, h, 0, j, 0))
+  in_specs = [full] * len(full_inputs) + [vtile] * len(vtile_inputs) + [state]
+  inputs = (*full_inputs, *vtile_inputs, s_in)
+  n_in = len(inputs)
+
+  def body(*refs):
+    if starts is None:
+      return kernel(*refs, cfg=cfg, n_chunks=n_chunks, starts_ref=None)
+    return kernel(*refs[:n_in], *refs[n_in + 1:], cfg=cfg, n_chunks=n_chunks, starts_ref=refs[n_in])
+
+  if starts is not None:  # the flags follow the inputs; a row's flags are one block
+    in_specs.append(pl.BlockSpec((None, n_chunks), lambda b, h, j: (b, 0)))
+    inputs += (starts,)
   return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg, n_chunks=n_chunks),
+      body,
       grid=(B, H, V // bv),
-      in_specs=[full] * len(full_inputs) + [vtile] * len(vtile_inputs) + [state],
+      in_specs=in_specs,
       out_specs=[states, state],
       out_shape=[jax.ShapeDtypeStruct((B, H, n_chunks, V, K), f32 if cfg.exact else jnp.bfloat16),
                  jax.ShapeDtypeStruct((B, H, V, K), f32)],
       compiler_params=cfg.params(cfg.warps_state),
       interpret=cfg.interpret,
       name=name,
-  )(*full_inputs, *vtile_inputs, s_in)
+  )(*inputs)
 
 
 def to_chunks(x_BxTxHxD, chunk):

@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import from_chunks, to_chunks
+from pallas_kernels.common import chunk_starts, from_chunks, to_chunks
 
 f32 = jnp.float32
 # HIGHEST: GPUs would run fp32 dots in TF32, too coarse for the decay gradient.
@@ -57,16 +57,20 @@ def _decays(g, sub):
   return gi, ge, G, split, q_scale, k_scale, pair
 
 
-def _forward(r, k, v, g, u, s0, sub):
-  """Chunk layout [B,H,N,L,D] in, (o, final state, chunk start states) out."""
+def _forward(r, k, v, g, u, s0, starts_NxB, sub):
+  """Chunk layout [B,H,N,L,D] in, (o, final state, chunk start states) out. starts_NxB: None, or
+  where a chunk starts a document (its start state is then s0)."""
   gi, ge, G, split, q_scale, k_scale, pair = _decays(g, sub)
   dS_BxHxNxVxK = _ein('bhnlv,bhnlk->bhnvk', v, k * jnp.exp(G - gi))
 
   def step(S, inputs):
-    dS, decay = inputs
+    dS, decay, start_B = inputs
+    if start_B is not None:
+      S = jnp.where(start_B[:, None, None, None], s0, S)
     return S * decay + dS, S
 
-  sT, S_start = jax.lax.scan(step, s0, (jnp.moveaxis(dS_BxHxNxVxK, 2, 0), jnp.moveaxis(jnp.exp(G), 2, 0)))
+  xs = (jnp.moveaxis(dS_BxHxNxVxK, 2, 0), jnp.moveaxis(jnp.exp(G), 2, 0), starts_NxB)
+  sT, S_start = jax.lax.scan(step, s0, xs)
   S_start = jnp.moveaxis(S_start, 0, 2)
   o = _ein('bhnlk,bhnvk->bhnlv', r * jnp.exp(ge), S_start)
   a_off = _ein('bhnick,bhnisk->bhnics', split(r) * q_scale, k[..., None, :, :] * k_scale)
@@ -77,18 +81,18 @@ def _forward(r, k, v, g, u, s0, sub):
   return o, sT, S_start
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _wkv(r, k, v, g, u, s0, sub):
-  return _forward(r, k, v, g, u, s0, sub)[:2]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _wkv(r, k, v, g, u, s0, starts_NxB, sub):
+  return _forward(r, k, v, g, u, s0, starts_NxB, sub)[:2]
 
 
-def _wkv_fwd(r, k, v, g, u, s0, sub):
-  o, sT, S_start = _forward(r, k, v, g, u, s0, sub)
-  return (o, sT), (r, k, v, g, u, S_start)
+def _wkv_fwd(r, k, v, g, u, s0, starts_NxB, sub):
+  o, sT, S_start = _forward(r, k, v, g, u, s0, starts_NxB, sub)
+  return (o, sT), (r, k, v, g, u, S_start, starts_NxB)
 
 
 def _wkv_bwd(sub, residuals, cotangents):
-  r, k, v, g, u, S_start = residuals
+  r, k, v, g, u, S_start, starts_NxB = residuals
   do, dsT = cotangents
   gi, ge, G, split, q_scale, k_scale, pair = _decays(g, sub)
   n_sub = q_scale.shape[3]
@@ -96,11 +100,22 @@ def _wkv_bwd(sub, residuals, cotangents):
   # Gradient of each chunk's end state, by a reverse elementwise scan.
   inc = _ein('bhnlv,bhnlk->bhnvk', do, r * jnp.exp(ge))
 
-  def step(dS, inputs):
-    inc_n, decay = inputs
-    return dS * decay + inc_n, dS
+  # A chunk that starts a document hands its start-state gradient to s0, not to the chunk before.
+  def step(carry, inputs):
+    dS, ds0_docs = carry
+    inc_n, decay, start_B = inputs
+    dS_start = dS * decay + inc_n
+    if start_B is not None:
+      start_Bx1x1x1 = start_B[:, None, None, None]
+      ds0_docs = ds0_docs + jnp.where(start_Bx1x1x1, dS_start, 0.0)
+      dS_start = jnp.where(start_Bx1x1x1, 0.0, dS_start)
+    return (dS_start, ds0_docs), dS
 
-  ds0, dS_end = jax.lax.scan(step, dsT, (jnp.moveaxis(inc, 2, 0), jnp.moveaxis(jnp.exp(G), 2, 0)), reverse=True)
+  xs = (jnp.moveaxis(inc, 2, 0), jnp.moveaxis(jnp.exp(G), 2, 0), starts_NxB)
+  ds0_docs = None if starts_NxB is None else jnp.zeros_like(dsT)
+  (ds0, ds0_docs), dS_end = jax.lax.scan(step, (dsT, ds0_docs), xs, reverse=True)
+  if ds0_docs is not None:
+    ds0 = ds0 + ds0_docs
   dS_end = jnp.moveaxis(dS_end, 0, 2)
   kd = k * jnp.exp(G - gi)
   S_end = S_start * jnp.exp(G) + _ein('bhnlv,bhnlk->bhnvk', v, kd)
@@ -139,19 +154,23 @@ def _wkv_bwd(sub, residuals, cotangents):
   dk += do_v * u[:, None, None, :] * r
   dv += bonus * do
   du = jnp.sum(do_v * r * k, axis=(0, 2, 3))
-  return dr, dk, dv, dg, du, ds0
+  return dr, dk, dv, dg, du, ds0, None
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=('chunk', 'sub'))
-def wkv6_chunked(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *, chunk=32, sub=8):
-  """Chunked WKV-6. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32)."""
+def wkv6_chunked(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, doc_starts_BxM=None, *, chunk=32,
+                 sub=8):
+  """Chunked WKV-6. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32).
+
+  doc_starts_BxM: packed rows, see wkv6.wkv6; None: one sequence a row."""
   assert chunk % sub == 0, (chunk, sub)
   T = r_BxTxHxK.shape[1]
   pad = ((0, 0), (0, -T % chunk), (0, 0), (0, 0))
   g = -jnp.exp(w_BxTxHxK.astype(f32))
   r, k, v, g = (to_chunks(jnp.pad(x.astype(f32), pad), chunk) for x in (r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g))
-  o, sT = _wkv(r, k, v, g, u_HxK.astype(f32), s0_BxHxVxK.astype(f32), sub)
+  starts_NxB = None if doc_starts_BxM is None else chunk_starts(doc_starts_BxM, chunk, r.shape[2]).T == 1
+  o, sT = _wkv(r, k, v, g, u_HxK.astype(f32), s0_BxHxVxK.astype(f32), starts_NxB, sub)
   return from_chunks(o)[:, :T], sT

@@ -45,6 +45,12 @@ sums as a dot (see sum_rows).
                  (bonus-free dr, dk; dG = colsum(S_end * dS_end)), dw = dg * g.
                  dv is a kernel of its own because one kernel for all four
                  needs more than the 255 registers a thread has and spills.
+  packed rows   (doc_starts) only the state kernels take the per-chunk
+                 flags (common.forward_pass, backward_pass): a chunk that
+                 starts a document starts from s0, and the reverse kernel
+                 adds the gradient at its start to d s0 and hands the chunk
+                 before it none; the chunk kernels then read s0 as that
+                 chunk's start state and 0 as its predecessor's end gradient.
 
 Only the padding of T to a whole number of state steps (k = v = r = 0, w =
 -inf, i.e. decay 1), which chunks take one dot and the sum of du are plain
@@ -60,8 +66,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import (KernelConfig, dot, dot_mode, masked_exp, over_chunks, row, state_call,
-                                   strictly_lower, sum_rows)
+from pallas_kernels.common import (KernelConfig, backward_pass, chunk_starts, dot, dot_mode, forward_pass,
+                                   masked_exp, row, state_call, strictly_lower, sum_rows)
 
 f32 = jnp.float32
 
@@ -239,7 +245,7 @@ def _diagonal_dr_dk(cfg, wide, refs, r, k, gi, ge, do):
 # ----------------------------------------------------------------------------- forward
 
 
-def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
+def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks, starts_ref):
   L, mode = cfg.chunk, dot_mode(cfg)
 
   def body(n, s_VxK):
@@ -249,7 +255,7 @@ def _state_fwd_kernel(k_ref, w_ref, v_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chun
     kd = k_ref[rows, :].astype(f32) * jnp.exp(G - gi)
     return s_VxK * jnp.exp(G) + dot(v_ref[rows, :], kd, mode, trans_a=True)
 
-  sT_ref[...] = over_chunks(cfg, n_chunks, body, s0_ref[...])
+  sT_ref[...] = forward_pass(cfg, n_chunks, body, s0_ref, starts_ref)
 
 
 def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg, wide):
@@ -263,18 +269,17 @@ def _out_fwd_kernel(r_ref, k_ref, w_ref, u_ref, v_ref, h_ref, o_ref, *, cfg, wid
 # ----------------------------------------------------------------------------- backward
 
 
-def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
+def _state_bwd_kernel(r_ref, w_ref, do_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks, starts_ref):
   L, mode = cfg.chunk, dot_mode(cfg)
 
-  def body(i, ds_VxK):
-    n = n_chunks - 1 - i
+  def body(n, ds_VxK):
     dh_ref[n] = ds_VxK.astype(dh_ref.dtype)
     rows = pl.ds(pl.multiple_of(n * L, L), L)
     _, _, ge, G = _log_decays(w_ref, rows, mode)
     rq = r_ref[rows, :].astype(f32) * jnp.exp(ge)
     return ds_VxK * jnp.exp(G) + dot(do_ref[rows, :], rq, mode, trans_a=True)
 
-  ds0_ref[...] = over_chunks(cfg, n_chunks, body, dsT_ref[...])
+  ds0_ref[...] = backward_pass(cfg, n_chunks, body, dsT_ref[...], starts_ref)
 
 
 def _dv_bwd_kernel(r_ref, k_ref, w_ref, u_ref, do_ref, dh_ref, dv_ref, *, cfg, wide):
@@ -439,24 +444,26 @@ def _dr_dk_dw(cfg, one_dot, r, k, w, u, v, do, h, dh):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _wkv(cfg, r, k, v, w, u, s0):
-  return _wkv_fwd(cfg, r, k, v, w, u, s0)[0]
+def _wkv(cfg, r, k, v, w, u, s0, starts):
+  return _wkv_fwd(cfg, r, k, v, w, u, s0, starts)[0]
 
 
-def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0):
-  h, sT = state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), (v,), s0)
+def _wkv_fwd(cfg, r, k, v, w, u_Hx1xK, s0, starts):
+  # The chunk kernels need no flags: a chunk that starts a document reads s0 as its stored start
+  # state, and its predecessor's stored end-state gradient is 0.
+  h, sT = state_call(_state_fwd_kernel, 'wkv6_state_fwd', cfg, (k, w), (v,), s0, starts)
   one_dot = one_dot_chunks(cfg, w)
   o = _out_or_dv(_out_fwd_kernel, 'wkv6_out_fwd', cfg, one_dot, r, k, w, u_Hx1xK, v, h, jnp.result_type(r, k, v))
-  return (o, sT), (r, k, v, w, u_Hx1xK, h, one_dot)
+  return (o, sT), (r, k, v, w, u_Hx1xK, h, one_dot, starts)
 
 
 def _wkv_bwd(cfg, residuals, cotangents):
-  r, k, v, w, u_Hx1xK, h, one_dot = residuals
+  r, k, v, w, u_Hx1xK, h, one_dot, starts = residuals
   do, dsT = cotangents
-  dh, ds0 = state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), (do,), dsT)
+  dh, ds0 = state_call(_state_bwd_kernel, 'wkv6_state_bwd', cfg, (r, w), (do,), dsT, starts)
   dv = _out_or_dv(_dv_bwd_kernel, 'wkv6_dv', cfg, one_dot, r, k, w, u_Hx1xK, do, dh, v.dtype)
   dr, dk, dw, du_part = _dr_dk_dw(cfg, one_dot, r, k, w, u_Hx1xK, v, do, h, dh)
-  return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0
+  return dr, dk, dv, dw, jnp.sum(du_part, axis=(0, 1))[:, None], ds0, None
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
@@ -470,9 +477,11 @@ def default_config(B, H):
 
 
 @functools.partial(jax.jit, static_argnames=('interpret', 'config'))
-def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *,
+def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, doc_starts_BxM=None, *,
                 interpret=None, config=None):
   """WKV-6 with Pallas kernels. Returns (y [B,T,H,V], final state [B,H,V,K] fp32).
+
+  doc_starts_BxM: packed rows, see wkv6.wkv6; None: one sequence a row.
 
   r, k, v, w may be bf16 or fp32 (their gradients come back in the same dtype);
   y is bf16 when r, k and v all are (as the official CUDA kernel writes it, and
@@ -493,5 +502,6 @@ def wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, *
   if pad:  # padded steps are exact no-ops: k = v = r = 0 and decay 1 (w = -inf)
     r, k, v, w = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)), constant_values=c)
                   for x, c in ((r, 0), (k, 0), (v, 0), (w, -jnp.inf)))
-  o, sT = _wkv(cfg, r, k, v, w, u_HxK.astype(f32).reshape(H, 1, K), s0_BxHxVxK.astype(f32))
+  starts = None if doc_starts_BxM is None else chunk_starts(doc_starts_BxM, cfg.chunk, r.shape[1] // cfg.chunk)
+  o, sT = _wkv(cfg, r, k, v, w, u_HxK.astype(f32).reshape(H, 1, K), s0_BxHxVxK.astype(f32), starts)
   return (o[:, :T] if pad else o), sT

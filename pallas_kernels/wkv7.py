@@ -22,31 +22,36 @@ Implementations (`implementation=`):
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import IMPLEMENTATIONS, default_implementation
+from pallas_kernels.common import IMPLEMENTATIONS, check_doc_starts, default_implementation, doc_first_tokens
 from pallas_kernels.wkv7_chunked import wkv7_chunked
 from pallas_kernels.wkv7_pallas import wkv7_pallas
 
 
-def wkv7_reference(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0_BxHxVxK):
+def wkv7_reference(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0_BxHxVxK,
+                   doc_starts_BxM=None):
   """Ground truth: a `lax.scan` over time in the dtype of the initial state (fp32 or fp64)."""
   dtype = s0_BxHxVxK.dtype
   inputs = (r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK)
   r, w, k, v, a, b = (jnp.moveaxis(x.astype(dtype), 1, 0) for x in inputs)
+  first_TxB = None if doc_starts_BxM is None else doc_first_tokens(doc_starts_BxM, r_BxTxHxK.shape[1]).T
   # HIGHEST: GPUs would otherwise run these fp32 contractions in TF32.
   ein = lambda spec, x, y: jnp.einsum(spec, x, y, precision=jax.lax.Precision.HIGHEST)
 
   def step(s_BxHxVxK, inputs):
-    r_t, w_t, k_t, v_t, a_t, b_t = inputs
+    r_t, w_t, k_t, v_t, a_t, b_t, first_B = inputs
+    if first_B is not None:  # a document's first token reads the initial state
+      s_BxHxVxK = jnp.where(first_B[:, None, None, None], s0_BxHxVxK, s_BxHxVxK)
     sa_BxHxV = ein('bhvk,bhk->bhv', s_BxHxVxK, a_t)
     s_BxHxVxK = (s_BxHxVxK * jnp.exp(w_t)[..., None, :] + sa_BxHxV[..., :, None] * b_t[..., None, :]
                  + v_t[..., :, None] * k_t[..., None, :])
     return s_BxHxVxK, ein('bhvk,bhk->bhv', s_BxHxVxK, r_t)
 
-  sT, y_TxBxHxV = jax.lax.scan(step, s0_BxHxVxK, (r, w, k, v, a, b))
+  sT, y_TxBxHxV = jax.lax.scan(step, s0_BxHxVxK, (r, w, k, v, a, b, first_TxB))
   return jnp.moveaxis(y_TxBxHxV, 0, 1), sT
 
 
-def wkv7(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0, *, implementation=None):
+def wkv7(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0, *, doc_starts=None,
+         implementation=None):
   """WKV-7 over a sequence. Returns (y [B,T,H,V], final state [B,H,V,K] fp32).
 
   w is the log decay (<= 0), fp32. y is bf16 when r, k and v all are, else fp32.
@@ -54,17 +59,24 @@ def wkv7(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0, *
   s0 is one state per sequence [B,H,V,K] or one shared state [H,V,K] (state
   tuning); a shared state is broadcast here, outside any custom VJP, so its
   gradient is the sum over the batch.
+
+  doc_starts: packed rows, [B, ceil(T / DOC_ALIGN)] bool, True where a document
+  begins at token m * DOC_ALIGN (common.DOC_ALIGN): its first token reads s0,
+  not the state the row carries, so s0's gradient sums over every document.
+  None: one sequence a row.
   """
   B, T = r_BxTxHxK.shape[:2]
   implementation = implementation or default_implementation(T)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown WKV implementation {implementation!r}; choose one of {IMPLEMENTATIONS}')
+  if doc_starts is not None:
+    check_doc_starts(doc_starts, B, T)
   s0_BxHxVxK = jnp.broadcast_to(s0, (B,) + s0.shape[-3:]).astype(jnp.float32)
   inputs = (r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK)
   if implementation == 'pallas':
-    return wkv7_pallas(*inputs, s0_BxHxVxK)
+    return wkv7_pallas(*inputs, s0_BxHxVxK, doc_starts)
   if implementation == 'xla_chunked':
-    y, sT = wkv7_chunked(*inputs, s0_BxHxVxK)
+    y, sT = wkv7_chunked(*inputs, s0_BxHxVxK, doc_starts)
   else:
-    y, sT = wkv7_reference(*(x.astype(jnp.float32) for x in inputs), s0_BxHxVxK)
+    y, sT = wkv7_reference(*(x.astype(jnp.float32) for x in inputs), s0_BxHxVxK, doc_starts)
   return y.astype(jnp.result_type(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV)), sT

@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import from_chunks, to_chunks
+from pallas_kernels.common import chunk_starts, from_chunks, to_chunks
 
 f32 = jnp.float32
 # HIGHEST: GPUs would run fp32 dots in TF32, too coarse for the decay gradient.
@@ -94,8 +94,9 @@ def _unit_lower_inverse_bwd(t, dt):
 _unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
-def _wkv(r, w, k, v, a, b, s0, sub):
-  """Chunk layout [B,H,N,L,D] in, (y [B,H,N,L,V], final state) out."""
+def _wkv(r, w, k, v, a, b, s0, starts_NxB, sub):
+  """Chunk layout [B,H,N,L,D] in, (y [B,H,N,L,V], final state) out. starts_NxB: None, or where a
+  chunk starts a document (its start state is then s0; autodiff sums s0's gradient over them)."""
   gi = jnp.cumsum(w, axis=3)
   ge = gi - w
   G = gi[..., -1:, :]
@@ -108,13 +109,16 @@ def _wkv(r, w, k, v, a, b, s0, sub):
   kd, bd = k * jnp.exp(G - gi), b * jnp.exp(G - gi)
 
   def step(S_VxK, inputs):
-    w_n, u_v_n, v_n, kd_n, bd_n, decay_n = inputs
+    w_n, u_v_n, v_n, kd_n, bd_n, decay_n, start_B = inputs
+    if start_B is not None:
+      S_VxK = jnp.where(start_B[:, None, None, None], s0, S_VxK)
     u_n = _ein('bhtk,bhvk->bhtv', w_n, S_VxK) + u_v_n
     S_end = S_VxK * decay_n + _ein('bhtv,bhtk->bhvk', v_n, kd_n) + _ein('bhtv,bhtk->bhvk', u_n, bd_n)
     return S_end, (S_VxK, u_n)
 
   over_chunks = lambda x: jnp.moveaxis(x, 2, 0)
-  sT, (S_start, U) = jax.lax.scan(step, s0, tuple(map(over_chunks, (w_LxK, u_v, v, kd, bd, jnp.exp(G)))))
+  xs = (*map(over_chunks, (w_LxK, u_v, v, kd, bd, jnp.exp(G))), starts_NxB)
+  sT, (S_start, U) = jax.lax.scan(step, s0, xs)
   S_start, U = jnp.moveaxis(S_start, 0, 2), jnp.moveaxis(U, 0, 2)
   y = (_ein('bhntk,bhnvk->bhntv', r * jnp.exp(gi), S_start) + _ein('bhnts,bhnsv->bhntv', a_rk, v)
        + _ein('bhnts,bhnsv->bhntv', a_rb, U))
@@ -122,12 +126,16 @@ def _wkv(r, w, k, v, a, b, s0, sub):
 
 
 @functools.partial(jax.jit, static_argnames=('chunk', 'sub'))
-def wkv7_chunked(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0_BxHxVxK, *, chunk=16, sub=4):
-  """Chunked WKV-7. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32)."""
+def wkv7_chunked(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0_BxHxVxK, doc_starts_BxM=None,
+                 *, chunk=16, sub=4):
+  """Chunked WKV-7. Returns (y [B,T,H,V] fp32, final state [B,H,V,K] fp32).
+
+  doc_starts_BxM: packed rows, see wkv7.wkv7; None: one sequence a row."""
   assert chunk % sub == 0, (chunk, sub)
   T = r_BxTxHxK.shape[1]
   pad = ((0, 0), (0, -T % chunk), (0, 0), (0, 0))
   inputs = (r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK)
   r, w, k, v, a, b = (to_chunks(jnp.pad(x.astype(f32), pad), chunk) for x in inputs)
-  y, sT = _wkv(r, w, k, v, a, b, s0_BxHxVxK.astype(f32), sub)
+  starts_NxB = None if doc_starts_BxM is None else chunk_starts(doc_starts_BxM, chunk, r.shape[2]).T == 1
+  y, sT = _wkv(r, w, k, v, a, b, s0_BxHxVxK.astype(f32), starts_NxB, sub)
   return from_chunks(y)[:, :T], sT

@@ -34,6 +34,9 @@ H x V-tiles, state in registers) take two dependent dots a chunk:
                 sum_{t>m} d/dge_t + d/dG. (The reference row c cancels from
                 every A, so it adds nothing.)
 
+Packed rows (doc_starts) change only the two state kernels, as in wkv6_pallas: a
+chunk that starts a document starts from s0, and its start gradient goes to d s0.
+
 Dots run at IEEE fp32 for fp32 inputs and as bf16x3 for bf16 inputs (see
 common.dot); the state copies the chunk kernels read are bf16 for bf16 inputs,
 as in wkv6_pallas. Padding T to whole state steps (r = k = v = a = b = 0,
@@ -47,7 +50,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import KernelConfig, dot, dot_mode, over_chunks, row, state_call, strictly_lower, sum_rows
+from pallas_kernels.common import (KernelConfig, backward_pass, chunk_starts, dot, dot_mode, forward_pass, row,
+                                   state_call, strictly_lower, sum_rows)
 
 f32 = jnp.float32
 # The steepest log decay a step may have with 16-row chunks: the split factors
@@ -143,7 +147,8 @@ def _prep_fwd_kernel(w_ref, k_ref, a_ref, b_ref, v_ref, wy_ref, uv_ref, p_ref, t
   t_ref[...] = t
 
 
-def _state_fwd_kernel(w_ref, k_ref, b_ref, wy_ref, v_ref, uv_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks):
+def _state_fwd_kernel(w_ref, k_ref, b_ref, wy_ref, v_ref, uv_ref, s0_ref, h_ref, sT_ref, *, cfg, n_chunks,
+                      starts_ref):
   """S <- S exp(G) + v^T kd + U^T bd with U = W S^T + U_V, a chunk a step; stores each start state."""
   L, mode = cfg.chunk, dot_mode(cfg)
 
@@ -155,7 +160,7 @@ def _state_fwd_kernel(w_ref, k_ref, b_ref, wy_ref, v_ref, uv_ref, s0_ref, h_ref,
     u = dot(wy_ref[rows, :], s_VxK, mode, trans_b=True) + uv_ref[rows, :]
     return s_VxK * jnp.exp(c.G) + dot(v, c.kd, mode, trans_a=True) + dot(u, c.bd, mode, trans_a=True)
 
-  sT_ref[...] = over_chunks(cfg, n_chunks, body, s0_ref[...])
+  sT_ref[...] = forward_pass(cfg, n_chunks, body, s0_ref, starts_ref)
 
 
 def _out_kernel(r_ref, w_ref, k_ref, b_ref, v_ref, wy_ref, uv_ref, h_ref, y_ref, *, cfg):
@@ -177,13 +182,13 @@ def _prep_bwd_kernel(r_ref, w_ref, b_ref, dy_ref, t_ref, q_ref, *, cfg):
   q_ref[...] = dot(t_ref[...], dot(c.a_rb(), dy_ref[...], mode, trans_a=True), mode, trans_a=True)
 
 
-def _state_bwd_kernel(r_ref, w_ref, a_ref, p_ref, dy_ref, q_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks):
+def _state_bwd_kernel(r_ref, w_ref, a_ref, p_ref, dy_ref, q_ref, dsT_ref, dh_ref, ds0_ref, *, cfg, n_chunks,
+                      starts_ref):
   """dS <- dS exp(G) + dy^T rg + dR^T ag with dR = Q + P dS^T, a chunk a step in reverse;
   stores each chunk's end-state gradient."""
   L, mode = cfg.chunk, dot_mode(cfg)
 
-  def body(i, ds_VxK):
-    n = n_chunks - 1 - i
+  def body(n, ds_VxK):
     dh_ref[n] = ds_VxK.astype(dh_ref.dtype)
     rows = pl.ds(pl.multiple_of(n * L, L), L)
     c = _Chunk(w_ref[rows, :], mode, r=r_ref[rows, :], a=a_ref[rows, :])
@@ -191,7 +196,7 @@ def _state_bwd_kernel(r_ref, w_ref, a_ref, p_ref, dy_ref, q_ref, dsT_ref, dh_ref
     return ds_VxK * jnp.exp(c.G) + dot(dy_ref[rows, :], c.rg, mode, trans_a=True) + dot(d_rhs, c.ag, mode,
                                                                                          trans_a=True)
 
-  ds0_ref[...] = over_chunks(cfg, n_chunks, body, dsT_ref[...])
+  ds0_ref[...] = backward_pass(cfg, n_chunks, body, dsT_ref[...], starts_ref)
 
 
 def _grads_kernel(r_ref, w_ref, k_ref, a_ref, b_ref, v_ref, dy_ref, wy_ref, uv_ref, p_ref, q_ref, h_ref, dh_ref,
@@ -256,30 +261,32 @@ def _chunk_call(kernel, name, cfg, row_inputs, state_inputs, out_shape):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _wkv(cfg, r, w, k, v, a, b, s0):
-  return _wkv_fwd(cfg, r, w, k, v, a, b, s0)[0]
+def _wkv(cfg, r, w, k, v, a, b, s0, starts):
+  return _wkv_fwd(cfg, r, w, k, v, a, b, s0, starts)[0]
 
 
-def _wkv_fwd(cfg, r, w, k, v, a, b, s0):
+def _wkv_fwd(cfg, r, w, k, v, a, b, s0, starts):
+  # Only the state kernels take the flags: a chunk that starts a document reads s0 as its stored
+  # start state, and its predecessor's stored end-state gradient is 0.
   rows_f32 = lambda x, width=None: jax.ShapeDtypeStruct(x.shape[:3] + (width or x.shape[3],), f32)
   wy, uv, p, t = _chunk_call(_prep_fwd_kernel, 'wkv7_prep_fwd', cfg, (w, k, a, b, v), (),
                              (rows_f32(k), rows_f32(v), rows_f32(k), rows_f32(k, cfg.chunk)))
-  h, sT = state_call(_state_fwd_kernel, 'wkv7_state_fwd', cfg, (w, k, b, wy), (v, uv), s0)
+  h, sT = state_call(_state_fwd_kernel, 'wkv7_state_fwd', cfg, (w, k, b, wy), (v, uv), s0, starts)
   y_shape = jax.ShapeDtypeStruct(v.shape, jnp.result_type(r, k, v))
   y, = _chunk_call(_out_kernel, 'wkv7_out', cfg, (r, w, k, b, v, wy, uv), (h,), (y_shape,))
-  return (y, sT), (r, w, k, v, a, b, wy, uv, p, t, h)
+  return (y, sT), (r, w, k, v, a, b, wy, uv, p, t, h, starts)
 
 
 def _wkv_bwd(cfg, residuals, cotangents):
-  r, w, k, v, a, b, wy, uv, p, t, h = residuals
+  r, w, k, v, a, b, wy, uv, p, t, h, starts = residuals
   dy, dsT = cotangents
   q, = _chunk_call(_prep_bwd_kernel, 'wkv7_prep_bwd', cfg, (r, w, b, dy, t), (),
                    (jax.ShapeDtypeStruct(v.shape, f32),))
-  dh, ds0 = state_call(_state_bwd_kernel, 'wkv7_state_bwd', cfg, (r, w, a, p), (dy, q), dsT)
+  dh, ds0 = state_call(_state_bwd_kernel, 'wkv7_state_bwd', cfg, (r, w, a, p), (dy, q), dsT, starts)
   like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   grads = _chunk_call(_grads_kernel, 'wkv7_grads', cfg, (r, w, k, a, b, v, dy, wy, uv, p, q), (h, dh),
                       tuple(like(x) for x in (r, w, k, v, a, b)))
-  return (*grads, ds0)
+  return (*grads, ds0, None)
 
 
 _wkv.defvjp(_wkv_fwd, _wkv_bwd)
@@ -292,9 +299,11 @@ def default_config(B, H):
 
 
 @functools.partial(jax.jit, static_argnames=('interpret', 'config'))
-def wkv7_pallas(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0_BxHxVxK, *,
-                interpret=None, config=None):
+def wkv7_pallas(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0_BxHxVxK, doc_starts_BxM=None,
+                *, interpret=None, config=None):
   """WKV-7 with Pallas kernels. Returns (y [B,T,H,V], final state [B,H,V,K] fp32).
+
+  doc_starts_BxM: packed rows, see wkv7.wkv7; None: one sequence a row.
 
   r, k, v, a, b may be bf16 or fp32, w (the log decay, >= MIN_LOG_DECAY) fp32;
   gradients come back in the inputs' dtypes. y is bf16 when r, k and v all
@@ -311,5 +320,7 @@ def wkv7_pallas(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK
   pad = -T % (cfg.chunk * cfg.state_steps)
   if pad:  # padded steps are exact no-ops: r = k = v = a = b = 0 and decay 1 (w = 0)
     inputs = tuple(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in inputs)
-  y, sT = _wkv(cfg, *inputs, s0_BxHxVxK.astype(f32))
+  T_padded = inputs[0].shape[1]
+  starts = None if doc_starts_BxM is None else chunk_starts(doc_starts_BxM, cfg.chunk, T_padded // cfg.chunk)
+  y, sT = _wkv(cfg, *inputs, s0_BxHxVxK.astype(f32), starts)
   return (y[:, :T] if pad else y), sT

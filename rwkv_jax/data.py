@@ -20,6 +20,11 @@ Sampling (`Sampler(data, ctx_len, batch_size, ...)`, then `.batch(epoch, step)` 
         document's start, running on into the following documents (and round to the start of the
         data); targets past the document's end are masked, its final token 0 is still a target.
   only  the same documents, but inputs past the document's end are 0 instead of the next document.
+  pack  several documents a row (see pack_documents), each exactly as `pad` would give it (inputs,
+        targets and masks), at a multiple of DOC_ALIGN tokens; `doc_starts(epoch, step)` flags where
+        each begins, so that the model starts it from the initial state (RWKV.hidden_states). The
+        rows are packed once, in data order; an epoch is a per-epoch permutation of the first
+        epoch_steps*B rows, so each epoch still takes every document (of those rows) once.
   get   windows of ctx_len+1 tokens at random token offsets, no masking.
   loss_mask='qa' additionally masks every target outside the assistant's answers: from the end
   of each "Assistant:" token sequence up to the next "User:" (a sample with no "Assistant:" keeps
@@ -45,6 +50,7 @@ import struct
 import numpy as np
 import tqdm
 
+from pallas_kernels.common import DOC_ALIGN
 from rwkv_jax import run_dir, tokenizer
 from rwkv_jax.errors import UserError
 
@@ -58,7 +64,7 @@ _CACHE_SUFFIX = '.tokens'
 ANSWERS_SUFFIX = '.answers.npy'  # beside a binidx: where each document's answer starts
 _MAX_CHECK_CHUNK = 1 << 24  # tokens per chunk when scanning a memmap for out-of-vocab ids
 DATA_TYPES = ('binidx', 'jsonl', 'utf-8')
-DATALOADS = ('pad', 'only', 'get')
+DATALOADS = ('pad', 'only', 'get', 'pack')
 LOSS_MASKS = ('none', 'pad', 'qa')
 
 
@@ -470,6 +476,76 @@ def _check_vocab(data: TokenData, vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Packing
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+  """Where each document goes in rows of ctx_len tokens: row r holds documents
+  docs[row_splits[r]:row_splits[r + 1]], each beginning at its entry of `offsets`."""
+  docs: np.ndarray
+  offsets: np.ndarray
+  row_splits: np.ndarray
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.row_splits) - 1
+
+  def placements(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(documents, their offsets, the index in `rows` of the row each is in) of these rows."""
+    firsts, ends = self.row_splits[rows], self.row_splits[rows + 1]
+    row_index = np.repeat(np.arange(len(rows)), ends - firsts)
+    at = np.concatenate([np.arange(f, e) for f, e in zip(firsts, ends)]) if len(rows) else np.zeros(0, np.int64)
+    return self.docs[at], self.offsets[at], row_index
+
+
+def doc_spans(doc_lens: np.ndarray, ctx_len: int) -> np.ndarray:
+  """Positions a document takes in a row: one a target token (its tokens but the first), at most
+  ctx_len, as `pad` reads it. The document's last token is only a target, never an input."""
+  return np.clip(np.asarray(doc_lens, np.int64) - 1, 0, ctx_len)
+
+
+def pack_documents(doc_lens: np.ndarray, ctx_len: int, align: int = DOC_ALIGN) -> Packing:
+  """Places the documents, in order, in rows of ctx_len tokens, each at a multiple of `align`
+  (the WKV kernels' document alignment) and within the row. Best fit: a document goes to the
+  open row with the least room that holds it, else to a new row; a row is open while it has room
+  left. Documents with no target (one token) are left out. O(documents) in Python, a few seconds
+  a million (the open rows are kept by blocks used, their fill levels as the bits of an int).
+  """
+  spans = doc_spans(doc_lens, ctx_len)
+  blocks_per_row = -(-ctx_len // align)
+  open_rows = [collections.deque() for _ in range(blocks_per_row)]  # by blocks used, oldest first
+  used_counts = 0  # bit u set: some open row has used u blocks
+  row_of_doc, offset_of_doc = np.full(len(spans), -1, np.int64), np.zeros(len(spans), np.int64)
+  num_rows = 0
+  for doc, span in enumerate(spans.tolist()):
+    if span == 0:
+      continue
+    fits = used_counts & ((2 << ((ctx_len - span) // align)) - 1)  # rows with room for `span`
+    if fits:
+      used = fits.bit_length() - 1  # the fullest of them
+      row = open_rows[used].popleft()
+      if not open_rows[used]:
+        used_counts &= ~(1 << used)
+    else:
+      used, row, num_rows = 0, num_rows, num_rows + 1
+    row_of_doc[doc], offset_of_doc[doc] = row, used * align
+    used += -(-span // align)
+    if used < blocks_per_row:
+      open_rows[used].append(row)
+      used_counts |= 1 << used
+  placed = np.flatnonzero(row_of_doc >= 0)
+  order = placed[np.argsort(row_of_doc[placed], kind='stable')]
+  row_splits = np.searchsorted(row_of_doc[order], np.arange(num_rows + 1))
+  return Packing(order, offset_of_doc[order], row_splits)
+
+
+def samples_per_pass(data: TokenData, dataload: str, ctx_len: int) -> int:
+  """The samples one pass over the data makes: its documents, or the rows they pack into."""
+  return pack_documents(data.doc_lens, ctx_len).num_rows if dataload == 'pack' else data.num_docs
+
+
+# ---------------------------------------------------------------------------------------------
 # Sampling
 
 
@@ -494,13 +570,15 @@ class Sampler:
     self.data, self.ctx_len, self.batch_size = data, ctx_len, batch_size
     self.dataload, self.epoch_steps, self.seed = dataload, epoch_steps, seed
     self.shuffle, self.loss_mask = shuffle, loss_mask
+    self._packing = pack_documents(data.doc_lens, ctx_len) if dataload == 'pack' else None
     self._check_enough_data()
     self._qa_markers = ((np.array(tokenizer.encode('Assistant:')),
                          np.array(tokenizer.encode('User:'))) if loss_mask == 'qa' else None)
     self._order_cache = (None, None)
 
   @property
-  def docs_per_epoch(self) -> int:
+  def samples_per_epoch(self) -> int:
+    """Documents an epoch takes, or with pack the rows."""
     return self.epoch_steps * self.batch_size
 
   def _check_enough_data(self) -> None:
@@ -508,11 +586,18 @@ class Sampler:
       if self.data.num_tokens < self.ctx_len + 1:
         raise UserError(f'{self.data.source} has {self.data.num_tokens} tokens, fewer than '
                         f'--ctx_len + 1 = {self.ctx_len + 1}; add data or lower --ctx_len')
-    elif self.data.num_docs < self.docs_per_epoch:
+    elif self.dataload == 'pack':
+      if self._packing.num_rows < self.samples_per_epoch:
+        raise UserError(
+            f'{self.data.source} has {self.data.num_docs} documents, which pack into '
+            f'{self._packing.num_rows} rows of --ctx_len {self.ctx_len}, but an epoch needs epoch_steps x batch '
+            f'size = {self.epoch_steps} x {self.batch_size} = {self.samples_per_epoch} rows; repeat the data '
+            '(`python -m rwkv_jax.make_data data.jsonl N CTX_LEN`, N copies) or lower --epoch_steps/--micro_bsz')
+    elif self.data.num_docs < self.samples_per_epoch:
       raise UserError(
           f'{self.data.source} has {self.data.num_docs} documents but --dataload '
           f'{self.dataload} needs epoch_steps x batch size = {self.epoch_steps} x '
-          f'{self.batch_size} = {self.docs_per_epoch}; repeat the data (`python -m '
+          f'{self.batch_size} = {self.samples_per_epoch}; repeat the data (`python -m '
           'rwkv_jax.make_data data.jsonl N CTX_LEN`, N copies) or lower --epoch_steps/--micro_bsz')
 
   def batch(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -520,12 +605,55 @@ class Sampler:
     if self.dataload == 'get':
       rng = np.random.default_rng([self.seed, epoch, step])
       starts_B = rng.integers(0, self.data.num_tokens - self.ctx_len, size=self.batch_size)
-      doc_lens_B = np.full(self.batch_size, self.ctx_len + 1)  # nothing past a "document" end
-    else:
-      if not 0 <= step < self.epoch_steps:
-        raise ValueError(f'step {step} is outside 0..{self.epoch_steps - 1}')
-      docs_B = self._epoch_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
-      starts_B, doc_lens_B = self.data.doc_starts[docs_B], self.data.doc_lens[docs_B]
+      return self._rows(starts_B, np.full(self.batch_size, self.ctx_len + 1), None)  # nothing past a "document" end
+    if self.dataload == 'pack':
+      return self._packed_rows(*self._placements(epoch, step))
+    docs_B = self._samples(epoch, step)
+    return self._rows(self.data.doc_starts[docs_B], self.data.doc_lens[docs_B], docs_B)
+
+  def doc_starts(self, epoch: int, step: int) -> np.ndarray | None:
+    """With pack, [B, ceil(ctx_len / DOC_ALIGN)] bool: True where a document of the batch's rows
+    begins at token m * DOC_ALIGN (see RWKV.hidden_states). None in the other modes: one
+    document (or window) a row."""
+    if self._packing is None:
+      return None
+    _, offsets_D, row_D = self._placements(epoch, step)
+    starts_BxM = np.zeros((self.batch_size, -(-self.ctx_len // DOC_ALIGN)), bool)
+    starts_BxM[row_D, offsets_D // DOC_ALIGN] = True
+    return starts_BxM
+
+  def doc_tokens(self, epoch: int, step: int) -> int:
+    """The batch's positions that hold a document (doc_spans): its tokens less the padding."""
+    if self.dataload == 'get':
+      return self.batch_size * self.ctx_len
+    docs = self._placements(epoch, step)[0] if self._packing else self._samples(epoch, step)
+    return int(doc_spans(self.data.doc_lens[docs], self.ctx_len).sum())
+
+  def _samples(self, epoch: int, step: int) -> np.ndarray:
+    """The documents (with pack, the rows) of `step` of `epoch`."""
+    if not 0 <= step < self.epoch_steps:
+      raise ValueError(f'step {step} is outside 0..{self.epoch_steps - 1}')
+    return self._epoch_order(epoch)[step * self.batch_size:(step + 1) * self.batch_size]
+
+  def _placements(self, epoch: int, step: int):
+    """(documents, offsets, row in the batch) of every document of a pack batch."""
+    return self._packing.placements(self._samples(epoch, step))
+
+  def _packed_rows(self, docs_D, offsets_D, row_D) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's `pad` row (inputs, targets, masks) cut to its span and placed at its offset;
+    the positions between documents take input END_OF_DOC and no target."""
+    doc_inputs_DxT, doc_targets_DxT = self._rows(self.data.doc_starts[docs_D], self.data.doc_lens[docs_D], docs_D)
+    inputs_BxT = np.full((self.batch_size, self.ctx_len), tokenizer.END_OF_DOC, np.int32)
+    targets_BxT = np.full((self.batch_size, self.ctx_len), IGNORE_INDEX, np.int32)
+    spans_D = doc_spans(self.data.doc_lens[docs_D], self.ctx_len)
+    for i, (row, offset, span) in enumerate(zip(row_D, offsets_D, spans_D)):
+      inputs_BxT[row, offset:offset + span] = doc_inputs_DxT[i, :span]
+      targets_BxT[row, offset:offset + span] = doc_targets_DxT[i, :span]
+    return inputs_BxT, targets_BxT
+
+  def _rows(self, starts_B, doc_lens_B, docs_B) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) of the windows of ctx_len+1 tokens from starts_B, masked past each
+    document's length (docs_B: which documents, for their answer starts; None for get)."""
     window_BxT1 = self._read_windows(starts_B)
     inputs_BxT, targets_BxT = window_BxT1[:, :-1].copy(), window_BxT1[:, 1:].copy()
     # A target at position t is token t+1 of the window: it belongs to the document while
@@ -533,7 +661,7 @@ class Sampler:
     positions_T = np.arange(self.ctx_len)
     past_doc_BxT = positions_T[None, :] + 1 >= np.minimum(doc_lens_B, self.ctx_len + 1)[:, None]
     targets_BxT[past_doc_BxT] = IGNORE_INDEX
-    if self.data.answer_starts is not None and self.dataload != 'get':
+    if self.data.answer_starts is not None and docs_B is not None:
       targets_BxT[positions_T[None, :] + 1 < self.data.answer_starts[docs_B][:, None]] = IGNORE_INDEX
     if self.dataload == 'only':
       inputs_BxT[positions_T[None, :] >= doc_lens_B[:, None]] = tokenizer.END_OF_DOC
@@ -546,9 +674,9 @@ class Sampler:
     cached_epoch, order = self._order_cache
     if cached_epoch != epoch:
       if self.shuffle:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.docs_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch)
       else:
-        order = np.arange(self.docs_per_epoch)
+        order = np.arange(self.samples_per_epoch)
       self._order_cache = (epoch, order)
     return order
 

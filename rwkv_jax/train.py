@@ -144,10 +144,12 @@ def _chunk_losses_bwd(residuals, cotangents):
 _chunk_losses.defvjp(_chunk_losses_fwd, _chunk_losses_bwd)
 
 
-def loss_fn(states: nnx.State, graphdef, weights: nnx.State, inputs_BxT, targets_BxT, remat=True):
-  """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not."""
+def loss_fn(states: nnx.State, graphdef, weights: nnx.State, inputs_BxT, targets_BxT, remat=True,
+            doc_starts_BxM=None):
+  """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not.
+  doc_starts_BxM: packed rows (data.Sampler.doc_starts), else None."""
   model = nnx.merge(graphdef, states, weights)
-  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat)
+  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat, doc_starts_BxM=doc_starts_BxM)
   ce_sum, count, l2wrap = cross_entropy(model.head.weight.get_value(), x_BxTxC, targets_BxT)
   ce = ce_sum / jnp.maximum(count, 1)
   return ce + l2wrap - jax.lax.stop_gradient(l2wrap)
@@ -167,21 +169,24 @@ def host_embedding(model: RWKV):
 
 
 def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True):
-  """step(train_state, weights, inputs [A, B, T], targets [A, B, T]) -> (train_state, loss).
+  """step(train_state, weights, inputs [A, B, T], targets [A, B, T], doc_starts [A, B, M] or
+  None) -> (train_state, loss).
 
   graphdef, weights: from `split`. inputs: token ids, or their embedding rows (see
-  host_embedding). A > 1 accumulates gradients over A micro-batches (mean). A non-finite
-  loss leaves the train state unchanged, so the caller still holds the last good one.
+  host_embedding). doc_starts: packed rows (`--dataload pack`, see loss_fn). A > 1 accumulates
+  gradients over A micro-batches (mean). A non-finite loss leaves the train state unchanged, so
+  the caller still holds the last good one.
   """
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def step(train_state: TrainState, weights, inputs_AxBxT, targets_AxBxT):
+  def step(train_state: TrainState, weights, inputs_AxBxT, targets_AxBxT, doc_starts_AxBxM=None):
     def micro_batch(grads_sum, batch):
-      loss, grads = grad_fn(train_state.states, graphdef, weights, *batch, remat)
+      inputs_BxT, targets_BxT, doc_starts_BxM = batch
+      loss, grads = grad_fn(train_state.states, graphdef, weights, inputs_BxT, targets_BxT, remat, doc_starts_BxM)
       return jax.tree.map(jnp.add, grads_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, train_state.states)
-    grads_sum, losses = jax.lax.scan(micro_batch, zeros, (inputs_AxBxT, targets_AxBxT))
+    grads_sum, losses = jax.lax.scan(micro_batch, zeros, (inputs_AxBxT, targets_AxBxT, doc_starts_AxBxM))
     grads = jax.tree.map(lambda g: g / targets_AxBxT.shape[0], grads_sum)
     updates, opt_state = opt.update(grads, train_state.opt_state, train_state.states)
     updated = TrainState(train_state.step + 1, optax.apply_updates(train_state.states, updates), opt_state)

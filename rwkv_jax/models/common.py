@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.common import doc_first_tokens
 from rwkv_jax import quant
 
 LN_EPS = 1e-5
@@ -120,15 +121,21 @@ def dot(x, w_IxO):
   return jnp.einsum('...i,io->...o', x.astype(w_IxO.dtype), w_IxO, preferred_element_type=jnp.float32)
 
 
-def token_shift(x_BxTxC, last_BxC):
+def token_shift(x_BxTxC, last_BxC, doc_starts_BxM=None):
   """The previous token's value at every position; `last` stands before the first token.
+
+  doc_starts_BxM: packed rows (see pallas_kernels.wkv6): a document's first token sees zeros, as
+  the first token of a row of its own does, not the end of the document before it.
 
   A select over a padded copy rather than a concatenate along T: XLA's GPU
   backend emits that concatenate as a kernel of its own, where this form fuses
   into its consumers.
   """
-  first_1xTx1 = jax.lax.broadcasted_iota(jnp.int32, (1, x_BxTxC.shape[1], 1), 1) == 0
+  T = x_BxTxC.shape[1]
+  first_1xTx1 = jax.lax.broadcasted_iota(jnp.int32, (1, T, 1), 1) == 0
   previous_BxTxC = jnp.pad(x_BxTxC[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  if doc_starts_BxM is not None:
+    previous_BxTxC = jnp.where(doc_first_tokens(doc_starts_BxM, T)[..., None], 0, previous_BxTxC)
   return jnp.where(first_1xTx1, last_BxC[:, None].astype(x_BxTxC.dtype), previous_BxTxC)
 
 
@@ -145,13 +152,14 @@ class Block(nnx.Module):
     self.ln1, self.ln2 = LayerNorm(p['ln1']), LayerNorm(p['ln2'])
     self.att, self.ffn = att, ffn
 
-  def __call__(self, x_BxTxC, layer_state, carry, implementation):
+  def __call__(self, x_BxTxC, layer_state, carry, implementation, doc_starts_BxM=None):
     """layer_state: (wkv [B, H, V, K] or shared [H, V, K], att shift [B, C], ffn shift [B, C]).
-    carry: what a layer hands the next one within a pass (x070: layer 0's v; nothing in x052/x060)."""
+    carry: what a layer hands the next one within a pass (x070: layer 0's v; nothing in x052/x060).
+    doc_starts_BxM: packed rows (see RWKV.hidden_states); None: one sequence a row."""
     wkv_state, att_shift, ffn_shift = layer_state
     dtype = x_BxTxC.dtype
     att_out, att_shift, wkv_state, carry = self.att(self.ln1(x_BxTxC).astype(dtype), att_shift, wkv_state, carry,
-                                                    implementation)
+                                                    implementation, doc_starts_BxM)
     x_BxTxC = residual(x_BxTxC, att_out)
-    ffn_out, ffn_shift = self.ffn(self.ln2(x_BxTxC).astype(dtype), ffn_shift)
+    ffn_out, ffn_shift = self.ffn(self.ln2(x_BxTxC).astype(dtype), ffn_shift, doc_starts_BxM)
     return residual(x_BxTxC, ffn_out), (wkv_state, att_shift, ffn_shift), carry

@@ -71,13 +71,18 @@ class RWKV(nnx.Module):
     """The model's own initial state for `batch_size` sequences: its WKV states, zero token shifts."""
     return common.initial_state(self.initial_wkv(), self.cfg.n_embd, batch_size)
 
-  def hidden_states(self, inputs_BxT, state: State | None = None, remat: bool = False):
+  def hidden_states(self, inputs_BxT, state: State | None = None, remat: bool = False, doc_starts_BxM=None):
     """Embedding -> all blocks -> ln_out. Returns (x [B, T, C] fp32, final State with a batch axis).
 
     inputs_BxT: token ids, or their embedding rows [B, T, C] (quant.take_rows of the
     embedding: the trainer gathers them on the host and keeps the table off the GPU, so the
     model may then have no `emb`). state: None starts every sequence from the model's own
     WKV states (what state tuning differentiates) with zero token shifts.
+
+    doc_starts_BxM: packed rows (`--dataload pack`), [B, ceil(T / DOC_ALIGN)] bool, True where a
+    document begins at token m * DOC_ALIGN (pallas_kernels.common.DOC_ALIGN): every document starts
+    as the row does, from the initial WKV states with zero token shifts, and sees nothing of the
+    document before it. None: one sequence a row.
 
     Between blocks the residual stream is held in the weights' dtype, as the official bf16
     model holds it; each sum is formed in fp32 and rounded once. With remat, that is also what
@@ -92,7 +97,8 @@ class RWKV(nnx.Module):
         layer_state = (block.att.time_state[...], jnp.zeros((B, C), jnp.float32), jnp.zeros((B, C), jnp.float32))
       else:  # a state without a batch axis ([L, H, V, K], [L, C]) is shared by every sequence
         layer_state = (state.wkv[i], *(jnp.broadcast_to(s[i], (B, C)) for s in state[1:]))
-      x_BxTxC, layer_state, carry = _run_block(block, x_BxTxC, layer_state, carry, self.implementation, remat)
+      x_BxTxC, layer_state, carry = _run_block(block, x_BxTxC, layer_state, carry, self.implementation, remat,
+                                               doc_starts_BxM)
       new_state.append(layer_state)
     return self.ln_out(x_BxTxC), State(*(jnp.stack(s) for s in zip(*new_state)))
 
@@ -120,17 +126,17 @@ class RWKV(nnx.Module):
     return (logits[0] if unbatched else logits), state
 
 
-def _run_block(block, x_BxTxC, layer_state, carry, implementation, remat):
+def _run_block(block, x_BxTxC, layer_state, carry, implementation, remat, doc_starts_BxM):
   """One block; under remat (grad_cp) its activations are recomputed in the backward pass."""
   if not remat:
-    return block(x_BxTxC, layer_state, carry, implementation)
+    return block(x_BxTxC, layer_state, carry, implementation, doc_starts_BxM)
   graphdef, weights = nnx.split(block)
 
   @jax.checkpoint
-  def run(weights, x_BxTxC, layer_state, carry):
-    return nnx.merge(graphdef, weights)(x_BxTxC, layer_state, carry, implementation)
+  def run(weights, x_BxTxC, layer_state, carry, doc_starts_BxM):
+    return nnx.merge(graphdef, weights)(x_BxTxC, layer_state, carry, implementation, doc_starts_BxM)
 
-  return run(weights, x_BxTxC, layer_state, carry)
+  return run(weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -98,12 +98,12 @@ class TimeMix(nnx.Module):
     self.time_state = WKVState(f32(jnp.asarray(p['time_state'])) if 'time_state' in p else
                                jnp.zeros((cfg.n_head, cfg.head_size, cfg.head_size), jnp.float32))
 
-  def __call__(self, x_BxTxC, shift_BxC, wkv_state, carry, implementation):
+  def __call__(self, x_BxTxC, shift_BxC, wkv_state, carry, implementation, doc_starts_BxM=None):
     """Returns (output [B, T, C], new shift, new WKV state, carry: nothing to hand on in x052)."""
     B, T, C = x_BxTxC.shape
     H, N = self.cfg.n_head, self.cfg.head_size
     act = lambda a: a.astype(x_BxTxC.dtype)
-    previous_BxTxC = token_shift(x_BxTxC, shift_BxC)
+    previous_BxTxC = token_shift(x_BxTxC, shift_BxC, doc_starts_BxM)
     xk, xv, xr, xg = (mix(x_BxTxC, previous_BxTxC, getattr(self, f'time_mix_{c}')[...]) for c in 'kvrg')
 
     # r, k, v enter the WKV kernel in the activations' dtype (bf16 halves its memory traffic);
@@ -113,7 +113,7 @@ class TimeMix(nnx.Module):
     g = jax.nn.silu(act(self.gate(xg)))
     w_BxTxHxN = jnp.broadcast_to(f32(self.time_decay[...]), (B, T, H, N))
     y_BxTxHxN, wkv_state = wkv6(r, k, v, w_BxTxHxN, f32(self.time_faaaa[...]), wkv_state,
-                                implementation=implementation)
+                                doc_starts=doc_starts_BxM, implementation=implementation)
     return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state, carry
 
 
@@ -123,9 +123,9 @@ class ChannelMix(nnx.Module):
     self.time_mix_k, self.time_mix_r = nnx.Param(p['time_mix_k']), nnx.Param(p['time_mix_r'])
     self.key, self.receptance, self.value = (Linear(p[m]['weight']) for m in ('key', 'receptance', 'value'))
 
-  def __call__(self, x_BxTxC, shift_BxC):
+  def __call__(self, x_BxTxC, shift_BxC, doc_starts_BxM=None):
     act = lambda a: a.astype(x_BxTxC.dtype)
-    previous_BxTxC = token_shift(x_BxTxC, shift_BxC)
+    previous_BxTxC = token_shift(x_BxTxC, shift_BxC, doc_starts_BxM)
     xk = mix(x_BxTxC, previous_BxTxC, self.time_mix_k[...])
     xr = mix(x_BxTxC, previous_BxTxC, self.time_mix_r[...])
     k = jnp.square(jax.nn.relu(act(self.key(xk))))

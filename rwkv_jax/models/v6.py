@@ -89,12 +89,12 @@ class TimeMix(nnx.Module):
     self.time_state = WKVState(f32(jnp.asarray(p['time_state'])) if 'time_state' in p else
                                jnp.zeros((cfg.n_head, cfg.head_size, cfg.head_size), jnp.float32))
 
-  def __call__(self, x_BxTxC, shift_BxC, wkv_state, carry, implementation):
+  def __call__(self, x_BxTxC, shift_BxC, wkv_state, carry, implementation, doc_starts_BxM=None):
     """Returns (output [B, T, C], new shift, new WKV state, carry: nothing to hand on in x060)."""
     B, T, C = x_BxTxC.shape
     H, N = self.cfg.n_head, self.cfg.head_size
     act = lambda a: a.astype(x_BxTxC.dtype)
-    xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
+    xx = token_shift(x_BxTxC, shift_BxC, doc_starts_BxM) - x_BxTxC
     xxx = x_BxTxC + xx * act(self.time_maa_x[...])
     m_BxTx5xD = jnp.tanh(dot(xxx, self.time_maa_w1)).reshape(B, T, 5, -1)
     w2 = self.time_maa_w2[...]
@@ -108,7 +108,8 @@ class TimeMix(nnx.Module):
     r, k, v = heads(self.receptance(xr)), heads(self.key(xk)), heads(self.value(xv))
     g = jax.nn.silu(act(self.gate(xg)))
     w = (f32(self.time_decay[...]) + dot(jnp.tanh(dot(xw, self.time_decay_w1)), self.time_decay_w2)).reshape(B, T, H, N)
-    y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(self.time_faaaa[...]), wkv_state, implementation=implementation)
+    y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(self.time_faaaa[...]), wkv_state, doc_starts=doc_starts_BxM,
+                                implementation=implementation)
     return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state, carry
 
 
@@ -118,9 +119,9 @@ class ChannelMix(nnx.Module):
     self.time_maa_k, self.time_maa_r = nnx.Param(p['time_maa_k']), nnx.Param(p['time_maa_r'])
     self.key, self.receptance, self.value = (Linear(p[m]['weight']) for m in ('key', 'receptance', 'value'))
 
-  def __call__(self, x_BxTxC, shift_BxC):
+  def __call__(self, x_BxTxC, shift_BxC, doc_starts_BxM=None):
     act = lambda a: a.astype(x_BxTxC.dtype)
-    xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
+    xx = token_shift(x_BxTxC, shift_BxC, doc_starts_BxM) - x_BxTxC
     xk = x_BxTxC + xx * act(self.time_maa_k[...])
     xr = x_BxTxC + xx * act(self.time_maa_r[...])
     k = jnp.square(jax.nn.relu(act(self.key(xk))))

@@ -124,13 +124,13 @@ class TimeMix(nnx.Module):
     self.time_state = WKVState(f32(jnp.asarray(p['time_state'])) if 'time_state' in p else
                                jnp.zeros((cfg.n_head, cfg.head_size, cfg.head_size), jnp.float32))
 
-  def __call__(self, x_BxTxC, shift_BxC, wkv_state, v_first_BxTxC, implementation):
+  def __call__(self, x_BxTxC, shift_BxC, wkv_state, v_first_BxTxC, implementation, doc_starts_BxM=None):
     """Returns (output [B, T, C], new shift, new WKV state, v_first: this layer's v in layer 0)."""
     B, T, C = x_BxTxC.shape
     H, N = self.cfg.n_head, self.cfg.head_size
     act = lambda a: a.astype(x_BxTxC.dtype)
     param = lambda name: getattr(self, name)[...]
-    xx = token_shift(x_BxTxC, shift_BxC) - x_BxTxC
+    xx = token_shift(x_BxTxC, shift_BxC, doc_starts_BxM) - x_BxTxC
     xr, xw, xk, xv, xa, xg = (x_BxTxC + xx * act(param(f'x_{c}')) for c in 'rwkvag')
 
     r, k, v = act(self.receptance(xr)), act(self.key(xk)), act(self.value(xv))
@@ -151,7 +151,7 @@ class TimeMix(nnx.Module):
     # r, k, v, a, b enter the WKV kernel in the activations' dtype (bf16 halves its memory traffic);
     # the log decay and the state stay fp32.
     y_BxTxHxN, wkv_state = wkv7(heads(r), heads(log_w), heads(k), heads(v), act(-kk), act(kk * heads(iclr)),
-                                wkv_state, implementation=implementation)
+                                wkv_state, doc_starts=doc_starts_BxM, implementation=implementation)
     bonus_BxTxHx1 = jnp.sum(f32(heads(r)) * f32(heads(k)) * f32(param('r_k')), axis=-1, keepdims=True)
     y = group_norm(y_BxTxHxN, self.ln_x) + (bonus_BxTxHx1 * f32(heads(v))).reshape(B, T, C)
     return self.output(y * g), f32(x_BxTxC[:, -1]), wkv_state, v_first_BxTxC
@@ -163,9 +163,9 @@ class ChannelMix(nnx.Module):
     self.x_k = nnx.Param(p['x_k'])
     self.key, self.value = Linear(p['key']['weight']), Linear(p['value']['weight'])
 
-  def __call__(self, x_BxTxC, shift_BxC):
+  def __call__(self, x_BxTxC, shift_BxC, doc_starts_BxM=None):
     act = lambda a: a.astype(x_BxTxC.dtype)
-    xk = x_BxTxC + (token_shift(x_BxTxC, shift_BxC) - x_BxTxC) * act(self.x_k[...])
+    xk = x_BxTxC + (token_shift(x_BxTxC, shift_BxC, doc_starts_BxM) - x_BxTxC) * act(self.x_k[...])
     k = jnp.square(jax.nn.relu(act(self.key(xk))))
     return act(self.value(k)), f32(x_BxTxC[:, -1])
 
