@@ -144,11 +144,15 @@ def _chunk_losses_bwd(residuals, cotangents):
 _chunk_losses.defvjp(_chunk_losses_fwd, _chunk_losses_bwd)
 
 
-def loss_fn(states: nnx.State, graphdef, weights: nnx.State, inputs_BxT, targets_BxT, remat=True):
-  """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not."""
+def loss_fn(states: nnx.State, graphdef, weights: nnx.State, inputs_BxT, targets_BxT, remat=True, gather=None):
+  """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not.
+  gather: see make_train_step."""
   model = nnx.merge(graphdef, states, weights)
-  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat)
-  ce_sum, count, l2wrap = cross_entropy(model.head.weight.get_value(), x_BxTxC, targets_BxT)
+  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat,
+                                   run_block=None if gather is None else gather.run_block)
+  head = model.head.weight.get_value()
+  head = head if gather is None else gather(head, x_BxTxC)
+  ce_sum, count, l2wrap = cross_entropy(head, x_BxTxC, targets_BxT)
   ce = ce_sum / jnp.maximum(count, 1)
   return ce + l2wrap - jax.lax.stop_gradient(l2wrap)
 
@@ -166,18 +170,21 @@ def host_embedding(model: RWKV):
   return embedding
 
 
-def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True):
+def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True, gather=None):
   """step(train_state, weights, inputs [A, B, T], targets [A, B, T]) -> (train_state, loss).
 
   graphdef, weights: from `split`. inputs: token ids, or their embedding rows (see
   host_embedding). A > 1 accumulates gradients over A micro-batches (mean). A non-finite
   loss leaves the train state unchanged, so the caller still holds the last good one.
+  gather: None, or a distributed.Gather for weights split over the devices: each block's are
+  gathered just before it runs (and again for its backward, which recomputes the block), the
+  head's before the loss.
   """
   grad_fn = jax.value_and_grad(loss_fn)
 
   def step(train_state: TrainState, weights, inputs_AxBxT, targets_AxBxT):
     def micro_batch(grads_sum, batch):
-      loss, grads = grad_fn(train_state.states, graphdef, weights, *batch, remat)
+      loss, grads = grad_fn(train_state.states, graphdef, weights, *batch, remat, gather)
       return jax.tree.map(jnp.add, grads_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, train_state.states)
