@@ -15,6 +15,7 @@ share is a `Run`; what the loop logs goes through `Progress`.
 """
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -34,8 +35,8 @@ import optax
 from flax import nnx
 
 from pallas_kernels import IMPLEMENTATIONS
-from rwkv_jax import (api, checkpoint, cli, data, evaluate, peft_flags, quant, run_dir, state_io, synthetic, train,
-                      wandb_log)
+from rwkv_jax import (api, checkpoint, cli, data, distributed, evaluate, peft_flags, quant, run_dir, state_io,
+                      synthetic, train, wandb_log)
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.errors import UserError
 
@@ -74,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
   add('--accumulate_grad_batches', type=int, default=1, help='micro-steps per optimizer step')
   add('--random_seed', type=int, default=-1, help='seed for sampling (-1: pick one and record it)')
   add('--data_shuffle', type=int, choices=(0, 1), default=1, help='shuffle documents every epoch')
-  add('--devices', type=int, default=1, help='GPUs to spread the batch over (data parallel)')
+  add('--devices', type=int, default=1, help='GPUs of each host to spread the batch over (data parallel)')
+  add('--coordinator', help='--num_nodes > 1: HOST:PORT of the --node_rank 0 host (default: MASTER_ADDR:MASTER_PORT)')
+  add('--node_rank', type=int, help='--num_nodes > 1: this host\'s rank, 0 .. num_nodes-1 (default: NODE_RANK)')
+  add('--shard_weights', action='store_true',
+      help='split the frozen weights over all the devices, each layer gathered when it runs (models over one card)')
   add('--quant', choices=('none', 'int8', 'nf4'), default='none',
       help='quantize the frozen projection matrices (the embedding and head go int8 either way)')
   add('--train_type', default='state', help='only "state": this tool tunes states')
@@ -110,9 +115,9 @@ def check_flags(args) -> None:
   at_least = lambda low: (lambda value: value >= low, f'must be at least {low}')
   positive = (lambda value: 0 < value < math.inf, 'must be a positive number')
   for flag in ('ctx_len', 'micro_bsz', 'epoch_steps', 'epoch_count', 'epoch_save', 'accumulate_grad_batches',
-               'devices', 'max_steps', 'eval_batches', 'vocab_size', 'n_layer', 'n_embd', 'head_size_a'):
+               'devices', 'num_nodes', 'max_steps', 'eval_batches', 'vocab_size', 'n_layer', 'n_embd', 'head_size_a'):
     cli.check_flag(args, flag, *at_least(1))
-  for flag in ('epoch_begin', 'warmup_steps'):
+  for flag in ('epoch_begin', 'warmup_steps', 'node_rank'):
     cli.check_flag(args, flag, *at_least(0))
   cli.check_flag(args, 'random_seed', *at_least(-1))  # -1: pick one
   for flag in ('lr_init', 'adam_eps'):
@@ -120,12 +125,20 @@ def check_flags(args) -> None:
   cli.check_flag(args, 'lr_final', lambda value: 0 <= value < math.inf, 'must be 0 or a positive number')
   for flag in ('beta1', 'beta2'):
     cli.check_flag(args, flag, lambda value: 0 <= value < 1, 'must be at least 0 and below 1')
-  if args.devices > jax.device_count():
-    raise UserError(f'--devices {args.devices}, but only {jax.device_count()} {jax.default_backend()} device(s) found')
-  micro_steps = args.devices * args.accumulate_grad_batches
+  micro_steps = args.devices * args.num_nodes * args.accumulate_grad_batches
   if args.epoch_steps is not None and args.epoch_steps < micro_steps:
-    raise UserError(f'--epoch_steps {args.epoch_steps} is less than one optimizer step (--devices x '
+    raise UserError(f'--epoch_steps {args.epoch_steps} is less than one optimizer step (--devices x --num_nodes x '
                     f'--accumulate_grad_batches = {micro_steps} micro-steps)')
+
+
+def join_cluster(args) -> None:
+  """Joins the other hosts of a --num_nodes run (before JAX touches a device), then checks
+  --devices against this host's devices."""
+  coordinator, args.node_rank = distributed.cluster_flags(args.num_nodes, args.coordinator, args.node_rank)
+  distributed.join(args.num_nodes, coordinator, args.node_rank)
+  if args.devices > jax.local_device_count():
+    raise UserError(f'--devices {args.devices}, but only {jax.local_device_count()} {jax.default_backend()} '
+                    'device(s) found')
 
 
 def prepare_demo(args, argv) -> None:
@@ -133,6 +146,8 @@ def prepare_demo(args, argv) -> None:
   data. DEMO's settings replace the defaults, not the flags given with --demo."""
   if args.ckpt or args.data:
     raise UserError('--demo brings its own model and data; leave out --ckpt/--data (or --demo)')
+  if args.num_nodes != 1:
+    raise UserError('--demo runs on one host; leave out --num_nodes')
   given = build_parser().parse_args(argv, argparse.Namespace(**DEMO))  # argparse keeps what a namespace holds
   for key in DEMO:
     setattr(args, key, getattr(given, key))
@@ -157,14 +172,14 @@ class Run:
   cfg: RWKVConfig
   graphdef: nnx.GraphDef  # the model without its embedding (see train.host_embedding)
   states: nnx.State  # the WKV states the model starts from (zeros, or a merged checkpoint's)
-  weights: nnx.State  # on the devices, replicated
+  weights: nnx.State  # on the devices: replicated, or split over them (--shard_weights)
   embedding: object  # numpy, in host memory
   tokens: data.TokenData
   lr: object  # step -> learning rate
   opt: optax.GradientTransformation
   steps_per_epoch: int  # optimizer steps, as RWKV-PEFT counts them
   global_bsz: int
-  mesh: jax.sharding.Mesh
+  mesh: jax.sharding.Mesh  # every host's --devices, along one axis
 
   @property
   def total_steps(self) -> int:
@@ -184,7 +199,6 @@ def prepare(args) -> Run:
   model = checkpoint.load_model(args.ckpt, args.implementation)
   check_args(args, model.cfg)
   proj = pathlib.Path(args.proj_dir)
-  proj.mkdir(parents=True, exist_ok=True)
   tokens = data.load_data(args.data, args.data_type, model.cfg.vocab_size)
 
   if args.precision == 'fp32':
@@ -193,18 +207,20 @@ def prepare(args) -> Run:
   quant.quantize_model(model, args.quant)
   embedding = train.host_embedding(model)  # each batch's rows are gathered on the host
   graphdef, states, weights = train.split(model)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:args.devices]), ('data',))
+  mesh = distributed.make_mesh(args.devices)
 
-  samples = data.samples_per_pass(tokens, args.dataload, args.ctx_len)  # documents, or packed rows
-  epoch_steps = args.epoch_steps or max(samples // (args.micro_bsz * args.devices), 1)
-  steps_per_epoch = max(epoch_steps // (args.devices * args.accumulate_grad_batches), 1)
+  # RWKV-PEFT's count: --epoch_steps samples of --micro_bsz, shared by every device of the cluster;
+  # a sample is a document (pad), or a row of packed documents (pack).
+  samples = data.samples_per_pass(tokens, args.dataload, args.ctx_len)
+  epoch_steps = args.epoch_steps or max(samples // args.micro_bsz, 1)
+  steps_per_epoch = max(epoch_steps // (mesh.size * args.accumulate_grad_batches), 1)
   lr = train.schedule(args.lr_schedule, args.lr_init, args.lr_final, args.warmup_steps,
                       steps_per_epoch * args.epoch_count)
   run = Run(args=args, proj=proj, cfg=model.cfg, graphdef=graphdef, states=states, weights=weights,
             embedding=embedding, tokens=tokens, lr=lr, opt=train.optimizer(lr, args.beta1, args.beta2, args.adam_eps),
-            steps_per_epoch=steps_per_epoch, global_bsz=args.micro_bsz * args.devices * args.accumulate_grad_batches,
+            steps_per_epoch=steps_per_epoch, global_bsz=args.micro_bsz * mesh.size * args.accumulate_grad_batches,
             mesh=mesh)
-  run.weights = jax.device_put(weights, run.sharding())
+  run.weights = jax.device_put(weights, distributed.weight_shardings(weights, mesh, args.shard_weights))
   return run
 
 
@@ -213,33 +229,47 @@ def prepare(args) -> Run:
 
 
 def start(run: Run) -> tuple[train.TrainState, int, int]:
-  """(train state on the devices, first optimizer step, sampling seed)."""
-  args = run.args
-  train_state = train.init_train_state(run.states, run.opt)  # continues a merged state, as RWKV-PEFT does
-  start_step = 0
-  seed = args.random_seed if args.random_seed >= 0 else int(np.random.SeedSequence().entropy % 2**31)
-  if args.resume:
-    train_state, meta = load_train_checkpoint(run.proj, train_state)
-    start_step, seed = int(meta['step']), int(meta['seed'])
+  """(train state on the devices, first optimizer step, sampling seed): process 0's, which reads
+  the run's files, on every host."""
+  fresh = train.init_train_state(run.states, run.opt)  # continues a merged state, as RWKV-PEFT does
+
+  def fresh_or_resumed():
+    args = run.args
+    seed = args.random_seed if args.random_seed >= 0 else int(np.random.SeedSequence().entropy % 2**31)
+    if not args.resume:
+      return fresh, 0, seed
+    train_state, meta = load_train_checkpoint(run.proj, fresh)
     if meta['total_steps'] != run.total_steps:
       raise UserError(f'--resume: the saved run has {meta["total_steps"]} steps in all, these flags give '
-                      f'{run.total_steps}; resume with the same --epoch_steps/--epoch_count/--micro_bsz')
-  return jax.device_put(train_state, run.sharding()), start_step, seed
+                      f'{run.total_steps}; resume with the same --epoch_steps/--epoch_count/--micro_bsz/--devices/'
+                      '--num_nodes')
+    return train_state, int(meta['step']), int(meta['seed'])
+
+  train_state, start_step, seed = distributed.from_main(fresh_or_resumed, like=(fresh, 0, 0))
+  return jax.device_put(train_state, run.sharding()), int(start_step), int(seed)
 
 
 def save_train_checkpoint(run: Run, train_state, step: int, seed: int) -> None:
   """Writes checkpoint/ so that a kill at any moment leaves a complete one (new or previous), and a
   failed write (a full disk) leaves the previous one and no temporary folder."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_npy = io.BytesIO()  # for export tools; written by Python, so that a failed write keeps its errno
   np.save(state_npy, train.wkv_array(train_state.states))
   meta = {'step': step, 'seed': seed, 'total_steps': run.total_steps, 'args': vars(run.args)}
+  train_state = jax.tree.map(np.asarray, train_state)  # replicated: this host's copy
   with run_dir.replacing(run.proj / CHECKPOINT_DIR) as tmp, run_dir.orbax_errors_unlogged():
     tmp.mkdir()
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp.absolute() / TRAIN_TREE_DIR, train_state)
+    with checkpointer() as saver:
+      saver.save(tmp.absolute() / TRAIN_TREE_DIR, train_state)
     (tmp / state_io.TRAIN_STATE_FILE).write_bytes(state_npy.getvalue())
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2))
+
+
+def checkpointer():
+  """orbax's checkpointer for this process alone: process 0 reads and writes the run's files,
+  and the other hosts need not share its file system."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  return ocp.StandardCheckpointer(multiprocessing_options=alone)
 
 
 def saved_states(proj: pathlib.Path) -> list[pathlib.Path]:
@@ -250,19 +280,18 @@ def saved_states(proj: pathlib.Path) -> list[pathlib.Path]:
 def load_train_checkpoint(proj: pathlib.Path, train_state):
   """Restores onto one device whatever device layout the run was saved from. A checkpoint that
   cannot be read ends in one line naming the run's last rwkv-N.pth, the state it can go on from."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   final = proj / CHECKPOINT_DIR
   directory = next((d for d in (final, run_dir.previous_version(final)) if d.is_dir()), None)
   if directory is None:
     raise UserError(f'--resume: no {CHECKPOINT_DIR}/ in {proj}; start without --resume')
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), train_state)
   try:
     meta = json.loads((directory / 'meta.json').read_text())
     if not all(isinstance(meta.get(key), int) for key in ('step', 'seed', 'total_steps')):
       raise ValueError('meta.json lacks the step, the seed or the total steps')
-    with run_dir.orbax_errors_unlogged(), ocp.StandardCheckpointer() as checkpointer:
-      restored = checkpointer.restore(directory.absolute() / TRAIN_TREE_DIR, abstract)
+    with run_dir.orbax_errors_unlogged(), checkpointer() as reader:
+      restored = reader.restore(directory.absolute() / TRAIN_TREE_DIR, abstract)
   except Exception as e:  # JSON, orbax and tensorstore errors alike: the files are damaged or missing
     states = saved_states(proj)
     if not states:
@@ -285,12 +314,14 @@ class Progress:
   def __init__(self, run: Run, start_step: int):
     self.run = run
     self.path = run.proj / run_dir.STEP_LOG
+    self.writes = distributed.is_main()  # the other hosts keep the losses, and write and show nothing
     # A run killed after its last checkpoint logged steps that the resumed run will take again.
-    kept = [line for line in self.read_log() if line['step'] <= start_step] if start_step else []
-    with run_dir.replacing(self.path) as tmp:
-      tmp.write_text(''.join(json.dumps(line) + '\n' for line in kept))
+    kept = [line for line in self.read_log() if line['step'] <= start_step] if start_step and self.writes else []
+    if self.writes:
+      with run_dir.replacing(self.path) as tmp:
+        tmp.write_text(''.join(json.dumps(line) + '\n' for line in kept))
     self.loss_at = {line['step']: line['loss'] for line in kept}  # optimizer step (1-based) -> loss
-    self.file = open(self.path, 'a', encoding='utf-8')
+    self.file = open(self.path if self.writes else os.devnull, 'a', encoding='utf-8')
     self.wandb = wandb_log.Logger(run.args, run.proj)  # does nothing without --wandb
     self.bar, self.epoch, self.t_last = None, 0, time.perf_counter()
     self.epoch_timings = []  # (step time, document tokens) of this session's steps of the epoch
@@ -322,7 +353,7 @@ class Progress:
     self.epoch, self.t_last = epoch, time.perf_counter()
     self.epoch_timings = []
     self.bar = tqdm(total=self.run.steps_per_epoch, initial=done_in_epoch,
-                    desc=f'epoch {self.run.args.epoch_begin + epoch}', dynamic_ncols=True)
+                    desc=f'epoch {self.run.args.epoch_begin + epoch}', dynamic_ncols=True, disable=not self.writes)
 
   def record(self, done: int, loss: float, doc_tokens: int) -> None:
     """Logs optimizer step `done` (1-based) once its loss has been read from the device; a step
@@ -373,20 +404,22 @@ class Batch(typing.NamedTuple):
 
 
 def make_batches(run: Run, seed: int):
-  """batch(epoch, step): the Batch of an optimizer step."""
+  """batch(epoch, step): the Batch of an optimizer step. Every host samples the same global batch
+  and gathers the rows of its own share."""
   args = run.args
   sampler = data.Sampler(run.tokens, args.ctx_len, run.global_bsz, args.dataload, epoch_steps=run.steps_per_epoch,
                          seed=seed, shuffle=bool(args.data_shuffle), loss_mask=args.loss_mask)
-  shape = (args.accumulate_grad_batches, args.micro_bsz * args.devices, args.ctx_len)
+  shape = (args.accumulate_grad_batches, run.global_bsz // args.accumulate_grad_batches, args.ctx_len)
 
   def batch(epoch: int, step: int):
     step %= run.steps_per_epoch
     inputs, targets = sampler.batch(epoch, step)
-    arrays = (quant.take_rows(run.embedding, inputs.reshape(shape)), targets.reshape(shape))
+    arrays = (quant.take_rows(run.embedding, distributed.process_rows(inputs.reshape(shape))),
+              distributed.process_rows(targets.reshape(shape)))
     doc_starts = sampler.doc_starts(epoch, step)
     if doc_starts is not None:
-      arrays += (doc_starts.reshape(shape[:2] + doc_starts.shape[1:]),)
-    return Batch(jax.device_put(arrays, run.sharding(None, 'data')), sampler.doc_tokens(epoch, step))
+      arrays += (distributed.process_rows(doc_starts.reshape(shape[:2] + doc_starts.shape[1:])),)
+    return Batch(distributed.global_batch(arrays, run.mesh), sampler.doc_tokens(epoch, step))
 
   return batch
 
@@ -413,8 +446,9 @@ def make_eval(run: Run):
 def stop_on_nan(run: Run, train_state, step: int, seed: int, done: int, loss: float):
   """A non-finite loss: keep the last good state (a step with a non-finite loss leaves the train
   state unchanged, so the one held is good) and stop with one line."""
-  state_io.write_state(run.proj / 'rwkv-last-good.pth', train.wkv_array(train_state.states))
-  save_train_checkpoint(run, train_state, step, seed)
+  if distributed.is_main():
+    state_io.write_state(run.proj / 'rwkv-last-good.pth', train.wkv_array(train_state.states))
+    save_train_checkpoint(run, train_state, step, seed)
   raise UserError(f'loss became {loss} at step {done}; the last good state is in '
                   f'{run.proj / "rwkv-last-good.pth"}. Lower --lr_init or check the data')
 
@@ -422,7 +456,8 @@ def stop_on_nan(run: Run, train_state, step: int, seed: int, done: int, loss: fl
 def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Progress):
   """Trains from optimizer step `start_step` to the end or --max_steps. Returns (train_state, step)."""
   args = run.args
-  step_fn = train.make_train_step(run.graphdef, run.opt, remat=bool(args.grad_cp))
+  gather = distributed.Gather(run.mesh) if args.shard_weights else None
+  step_fn = train.make_train_step(run.graphdef, run.opt, remat=bool(args.grad_cp), gather=gather)
   batch, eval_loss = make_batches(run, seed), make_eval(run)
   step, stop_at = start_step, start_step + (args.max_steps or run.total_steps)
   # (step number, its loss on the device, its document tokens) of dispatched steps not yet logged
@@ -470,7 +505,7 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
       # in the next epoch, and this one's rwkv-N.pth and log line would never be written.
       with run_dir.deferred_interrupt():
         end_epoch(run, epoch, step, train_state, seed, progress, eval_loss)
-    else:
+    elif distributed.is_main():
       save_train_checkpoint(run, train_state, step, seed)
     print(f'\ninterrupted at step {step}: continue with the same command and --resume')
     sys.exit(130)
@@ -478,7 +513,8 @@ def run_epochs(run: Run, train_state, start_step: int, seed: int, progress: Prog
 
 
 def end_epoch(run: Run, epoch: int, step: int, train_state, seed: int, progress: Progress, eval_loss) -> None:
-  """The epoch's line in train_log.txt, its rwkv-{epoch}.pth (every --epoch_save), checkpoint/."""
+  """The epoch's line in train_log.txt, its rwkv-{epoch}.pth (every --epoch_save), checkpoint/ (process 0;
+  every process takes part in the held-out loss)."""
   args = run.args
   mean = progress.epoch_mean(epoch)  # over every session of the epoch, resumed or not
   line = (f'{args.epoch_begin + epoch} {mean:.6f} {math.exp(min(mean, 700)):.4f} {run.lr_at(max(step - 1, 0)):.8f} '
@@ -488,6 +524,8 @@ def end_epoch(run: Run, epoch: int, step: int, train_state, seed: int, progress:
     line += f' eval_loss {held_out:.6f}'
     print(f'epoch {args.epoch_begin + epoch}: train loss {mean:.4f}, held-out loss {held_out:.4f} '
           f'(perplexity {math.exp(min(held_out, 700)):.2f})')
+  if not distributed.is_main():
+    return
   run_dir.append_text(run.proj / 'train_log.txt', line + '\n')
   progress.wandb.log_epoch(step, args.epoch_begin + epoch, mean, held_out if eval_loss is not None else None)
   if epoch % args.epoch_save == 0 or epoch == args.epoch_count - 1:
@@ -543,20 +581,29 @@ def main(argv):
   if not args.ckpt or not args.data:
     raise UserError('give --ckpt MODEL.pth and --data DATA (or --load_model / --data_file), or try --demo')
   check_flags(args)
-  with run_dir.claim(args.proj_dir, resume=args.resume, overwrite=args.overwrite):  # the run owns --proj_dir
+  join_cluster(args)
+  if not distributed.is_main():  # process 0 speaks for the run; the others print only their errors
+    sys.stdout = open(os.devnull, 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+  # The run owns --proj_dir; on process 0's host, the one that writes it.
+  claim = (run_dir.claim(args.proj_dir, resume=args.resume, overwrite=args.overwrite) if distributed.is_main()
+           else contextlib.nullcontext())
+  with claim:
     run = prepare(args)
     train_state, start_step, seed = start(run)
     print(f'{run.cfg.describe()} | {run.tokens.num_tokens:,} tokens in {run.tokens.num_docs:,} documents | '
-          f'{run.total_steps} steps of {run.global_bsz} x {args.ctx_len} tokens | seed {seed}')
-    run_dir.append_text(run.proj / 'train_log.txt',
-                        f'NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}{" (resumed)" if args.resume else ""}\n'
-                        f'{vars(args)}\n')
+          f'{run.total_steps} steps of {run.global_bsz} x {args.ctx_len} tokens | seed {seed}'
+          + (f' | {run.mesh.size} devices on {args.num_nodes} hosts' if args.num_nodes > 1 else ''))
+    if distributed.is_main():
+      run_dir.append_text(run.proj / 'train_log.txt',
+                          f'NEW RUN {datetime.datetime.now():%Y-%m-%d-%H-%M-%S}{" (resumed)" if args.resume else ""}\n'
+                          f'{vars(args)}\n')
     progress = Progress(run, start_step)
     try:
       train_state, step = run_epochs(run, train_state, start_step, seed, progress)
     finally:
       progress.close()
-    finish(run, train_state, step, seed, progress.losses)
+    if distributed.is_main():
+      finish(run, train_state, step, seed, progress.losses)
 
 
 if __name__ == '__main__':

@@ -7,8 +7,9 @@ scripts use a subset of the same names. Every one is known here, as one of:
             --train_type, --my_testing, --accumulate_grad_batches ...)
   MAPPED    added here, each with its meaning in this trainer: --peft state is --train_type state,
             --wandb logs to W&B, --sft_field/--sft_split read SFT data (and this project's own
-            --sft_template picks the document format), and the rest accept the one value this
-            trainer works with (--num_nodes 1, --weight_decay 0, --optimizer none ...)
+            --sft_template picks the document format), --num_nodes counts the hosts of a cluster
+            (with this trainer's --coordinator and --node_rank), and the rest accept the one value
+            this trainer works with (--weight_decay 0, --optimizer none ...)
   IGNORED   it steers PyTorch, DeepSpeed, Lightning or RWKV-PEFT's CUDA kernels (XLA compiles for the
             device here and the WKV kernel is built in), or configures weight adapters and
             pretraining, which state tuning never uses: accepted, and named in one note
@@ -64,9 +65,8 @@ MAPPED = (
     Mapped('sft_split', str, 'train', 'split of the --data_type sft dataset'),
     Mapped('sft_template', str, 'chat', 'sft documents: "chat" (User:/Assistant:) or "alpaca" (RWKV-PEFT\'s)',
            lambda v: v in sft.TEMPLATES, '--sft_template {}: use chat or alpaca'),
-    Mapped('num_nodes', int, 1, 'hosts (only 1: --devices spreads the batch over one host\'s GPUs)',
-           lambda v: v == 1, '--num_nodes {}: rwkv-jax trains on one host; spread the batch over its GPUs '
-           'with --devices N (multi-host training is not supported yet)'),
+    Mapped('num_nodes', int, 1, 'hosts, one process each, joined through --coordinator/--node_rank; the global '
+           'batch is --micro_bsz x --devices x --num_nodes'),
     Mapped('weight_decay', float, 0.0, 'must be 0: states train with Adam, no weight decay',
            lambda v: v == 0, '--weight_decay {}: rwkv-jax trains the states with Adam and no weight decay '
            '(it would pull them toward the untuned zero state); leave --weight_decay 0'),

@@ -145,12 +145,15 @@ _chunk_losses.defvjp(_chunk_losses_fwd, _chunk_losses_bwd)
 
 
 def loss_fn(states: nnx.State, graphdef, weights: nnx.State, inputs_BxT, targets_BxT, remat=True,
-            doc_starts_BxM=None):
+            doc_starts_BxM=None, gather=None):
   """Mean CE over unmasked targets; its gradient also carries L2Wrap, its value does not.
-  doc_starts_BxM: packed rows (data.Sampler.doc_starts), else None."""
+  doc_starts_BxM: packed rows (data.Sampler.doc_starts), else None. gather: see make_train_step."""
   model = nnx.merge(graphdef, states, weights)
-  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat, doc_starts_BxM=doc_starts_BxM)
-  ce_sum, count, l2wrap = cross_entropy(model.head.weight.get_value(), x_BxTxC, targets_BxT)
+  x_BxTxC, _ = model.hidden_states(inputs_BxT, remat=remat, doc_starts_BxM=doc_starts_BxM,
+                                   run_block=None if gather is None else gather.run_block)
+  head = model.head.weight.get_value()
+  head = head if gather is None else gather(head, x_BxTxC)
+  ce_sum, count, l2wrap = cross_entropy(head, x_BxTxC, targets_BxT)
   ce = ce_sum / jnp.maximum(count, 1)
   return ce + l2wrap - jax.lax.stop_gradient(l2wrap)
 
@@ -168,7 +171,7 @@ def host_embedding(model: RWKV):
   return embedding
 
 
-def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True):
+def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True, gather=None):
   """step(train_state, weights, inputs [A, B, T], targets [A, B, T], doc_starts [A, B, M] or
   None) -> (train_state, loss).
 
@@ -176,13 +179,17 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, remat=True):
   host_embedding). doc_starts: packed rows (`--dataload pack`, see loss_fn). A > 1 accumulates
   gradients over A micro-batches (mean). A non-finite loss leaves the train state unchanged, so
   the caller still holds the last good one.
+  gather: None, or a distributed.Gather for weights split over the devices: each block's are
+  gathered just before it runs (and again for its backward, which recomputes the block), the
+  head's before the loss.
   """
   grad_fn = jax.value_and_grad(loss_fn)
 
   def step(train_state: TrainState, weights, inputs_AxBxT, targets_AxBxT, doc_starts_AxBxM=None):
     def micro_batch(grads_sum, batch):
       inputs_BxT, targets_BxT, doc_starts_BxM = batch
-      loss, grads = grad_fn(train_state.states, graphdef, weights, inputs_BxT, targets_BxT, remat, doc_starts_BxM)
+      loss, grads = grad_fn(train_state.states, graphdef, weights, inputs_BxT, targets_BxT, remat, doc_starts_BxM,
+                            gather)
       return jax.tree.map(jnp.add, grads_sum, grads), loss
 
     zeros = jax.tree.map(jnp.zeros_like, train_state.states)

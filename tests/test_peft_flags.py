@@ -263,7 +263,6 @@ def test_what_this_tool_does_not_do_is_refused_in_one_line(write_checkpoint, tmp
       (['--my_testing', 'x080'], 'unknown RWKV version'),
       (['--my_testing', 'x052'], 'does not match the checkpoint, an RWKV-6 (x060)'),
       (['--weight_decay', 0.1], 'no weight decay'),
-      (['--num_nodes', 2], '--devices N'),
       (['--optimizer', 'muon'], 'with Adam'),
       (['--dim_att', 256], '--dim_att 256 does not match the checkpoint (128)'),
   ]

@@ -24,7 +24,7 @@ from flax import nnx
 from rwkv_jax import quant
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.models import common, v5, v6, v7
-from rwkv_jax.models.common import LayerNorm, Linear, State, f32
+from rwkv_jax.models.common import LayerNorm, Linear, State, WKVState, f32
 
 GENERATIONS = {'5': v5, '6': v6, '7': v7}
 
@@ -71,13 +71,16 @@ class RWKV(nnx.Module):
     """The model's own initial state for `batch_size` sequences: its WKV states, zero token shifts."""
     return common.initial_state(self.initial_wkv(), self.cfg.n_embd, batch_size)
 
-  def hidden_states(self, inputs_BxT, state: State | None = None, remat: bool = False, doc_starts_BxM=None):
+  def hidden_states(self, inputs_BxT, state: State | None = None, remat: bool = False, doc_starts_BxM=None,
+                    run_block=None):
     """Embedding -> all blocks -> ln_out. Returns (x [B, T, C] fp32, final State with a batch axis).
 
     inputs_BxT: token ids, or their embedding rows [B, T, C] (quant.take_rows of the
     embedding: the trainer gathers them on the host and keeps the table off the GPU, so the
     model may then have no `emb`). state: None starts every sequence from the model's own
-    WKV states (what state tuning differentiates) with zero token shifts.
+    WKV states (what state tuning differentiates) with zero token shifts. run_block: None, or
+    fn(apply, states, weights, x, layer_state, carry) that runs each block in its own way
+    (distributed.Gather.run_block: weights split over the devices, gathered just in time).
 
     doc_starts_BxM: packed rows (`--dataload pack`), [B, ceil(T / DOC_ALIGN)] bool, True where a
     document begins at token m * DOC_ALIGN (pallas_kernels.common.DOC_ALIGN): every document starts
@@ -98,7 +101,7 @@ class RWKV(nnx.Module):
       else:  # a state without a batch axis ([L, H, V, K], [L, C]) is shared by every sequence
         layer_state = (state.wkv[i], *(jnp.broadcast_to(s[i], (B, C)) for s in state[1:]))
       x_BxTxC, layer_state, carry = _run_block(block, x_BxTxC, layer_state, carry, self.implementation, remat,
-                                               doc_starts_BxM)
+                                               doc_starts_BxM, run_block)
       new_state.append(layer_state)
     return self.ln_out(x_BxTxC), State(*(jnp.stack(s) for s in zip(*new_state)))
 
@@ -126,17 +129,20 @@ class RWKV(nnx.Module):
     return (logits[0] if unbatched else logits), state
 
 
-def _run_block(block, x_BxTxC, layer_state, carry, implementation, remat, doc_starts_BxM):
-  """One block; under remat (grad_cp) its activations are recomputed in the backward pass."""
-  if not remat:
+def _run_block(block, x_BxTxC, layer_state, carry, implementation, remat, doc_starts_BxM, run_block):
+  """One block; under remat (grad_cp) its activations are recomputed in the backward pass. The
+  block's WKV states are split from its weights: `run_block` (see hidden_states) gathers only
+  the weights."""
+  if not remat and run_block is None:
     return block(x_BxTxC, layer_state, carry, implementation, doc_starts_BxM)
-  graphdef, weights = nnx.split(block)
+  graphdef, states, weights = nnx.split(block, WKVState, ...)
 
-  @jax.checkpoint
-  def run(weights, x_BxTxC, layer_state, carry, doc_starts_BxM):
-    return nnx.merge(graphdef, weights)(x_BxTxC, layer_state, carry, implementation, doc_starts_BxM)
+  def apply(states, weights, x_BxTxC, layer_state, carry, doc_starts_BxM):
+    return nnx.merge(graphdef, states, weights)(x_BxTxC, layer_state, carry, implementation, doc_starts_BxM)
 
-  return run(weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
+  if run_block is not None:
+    return run_block(apply, states, weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
+  return jax.checkpoint(apply)(states, weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
 
 
 @functools.partial(jax.jit, static_argnums=0)
