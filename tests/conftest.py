@@ -4,6 +4,13 @@ import os
 # The oracle must take its pure-PyTorch path: no JIT, no CUDA kernels.
 os.environ.setdefault('RWKV_JIT_ON', '0')
 os.environ.setdefault('RWKV_CUDA_ON', '0')
+# On a CPU most of the suite's time is XLA compiling small programs (interpret-mode kernels, tiny
+# models), not running them: without LLVM's optimization passes the compiles take about half as
+# long, and every comparison is between programs compiled alike. Not on a GPU machine, where
+# `pytest -m gpu` must run the programs as training does. Inherited by the tests' subprocesses.
+if not os.path.exists('/proc/driver/nvidia/version'):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+                             ' --xla_llvm_disable_expensive_passes=true').strip()
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top

@@ -66,7 +66,8 @@ print('RESULT ' + json.dumps(out))
 @functools.cache
 def sharded_and_replicated() -> dict:
   """Both tests below read the same run: 3 layers (the memory test tells one layer from all), 2 steps."""
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={DEVICES}', 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'}
   result = subprocess.run([sys.executable, '-c', SHARDED_STEP, '3', '2'],
                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0, result.stderr
@@ -114,7 +115,8 @@ def test_two_processes_train_the_state_of_one(write_checkpoint, tmp_path):
   model = write_checkpoint(dataclasses.replace(synthetic.TINY, **SPLIT), seed=6)
   common = ['train_state.py', '--ckpt', model, '--data', data, '--ctx_len', 24, '--epoch_count', 1,
             '--random_seed', 3, '--precision', 'fp32', '--warmup_steps', 2, '--quant', 'int8']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'}
   cluster = ['--num_nodes', 2, '--coordinator', f'localhost:{free_port()}', '--devices', 2, '--micro_bsz', 1,
              '--epoch_steps', 16, '--shard_weights', '--proj_dir', tmp_path / 'cluster']
   nodes = [subprocess.Popen([sys.executable, *map(str, common + cluster + ['--node_rank', rank])], env=env,

@@ -27,9 +27,6 @@ from tests import test_wkv6, test_wkv7
 from tests.conftest import random_model
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs a GPU')
-# Most of these tests' time is XLA's CPU compile of the interpret-mode kernels, not their run:
-# compiled with less LLVM optimization (what is compared, alike), they take about half as long.
-QUICK_CPU_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 def random_doc_starts(rng, B, T):
@@ -69,13 +66,12 @@ def per_document(reference_fp64, inputs, s0_BxHxVxK, dy, dsT, starts_BxM, n_grad
 
 
 def forward_backward(fn, args, cotangents):
-  """(y, final state, every input's gradient) of fn(*args), as one program (see QUICK_CPU_COMPILE)."""
+  """(y, final state, every input's gradient) of fn(*args), as one program."""
   def run(*args):
     outputs, vjp = jax.vjp(fn, *args)
     return (*outputs, *vjp(cotangents))
 
-  options = QUICK_CPU_COMPILE if jax.default_backend() == 'cpu' else None
-  return jax.jit(run).lower(*args).compile(options)(*args)
+  return jax.jit(run)(*args)
 
 
 def check_wkv6(implementation, dtype='float32', B=2, T=100, H=2, K=16):
@@ -239,8 +235,7 @@ def loss_and_state_grad(model, inputs_BxT, targets_BxT, doc_starts_BxM):
     ce_sum, count, _ = train.cross_entropy(model.head.weight.get_value(), x_BxTxC, jnp.asarray(targets_BxT))
     return ce_sum / count
 
-  options = QUICK_CPU_COMPILE if jax.default_backend() == 'cpu' else None
-  value, grads = jax.jit(jax.value_and_grad(loss)).lower(states).compile(options)(states)
+  value, grads = jax.jit(jax.value_and_grad(loss))(states)
   return float(value), train.wkv_array(grads)
 
 

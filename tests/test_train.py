@@ -232,7 +232,7 @@ def test_data_parallel_over_two_devices_equals_one_device(write_checkpoint, json
   model = write_checkpoint(seed=6)
   common = ['--ckpt', model, '--data', jsonl_data, '--ctx_len', 24, '--epoch_count', 1, '--random_seed', 3,
             '--precision', 'fp32']
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = {**os.environ, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'}
   runs = {'two': ['--devices', 2, '--micro_bsz', 1, '--epoch_steps', 8],
           'one': ['--devices', 1, '--micro_bsz', 2, '--epoch_steps', 4]}
   for name, flags in runs.items():
