@@ -133,6 +133,20 @@ def check_doc_starts(doc_starts_BxM, B, T):
                      f'a flag every DOC_ALIGN = {DOC_ALIGN} tokens')
 
 
+def entry(r_BxTxHxK, s0, doc_starts_BxM, implementation):
+  """What wkv6 and wkv7 check and prepare before dispatching: (implementation, s0 [B, H, V, K] fp32).
+
+  implementation None picks the platform's; a shared state [H, V, K] is broadcast over the batch
+  here, outside any custom VJP, so its gradient is the sum over the batch."""
+  B, T = r_BxTxHxK.shape[:2]
+  implementation = implementation or default_implementation(T)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown WKV implementation {implementation!r}; choose one of {IMPLEMENTATIONS}')
+  if doc_starts_BxM is not None:
+    check_doc_starts(doc_starts_BxM, B, T)
+  return implementation, jnp.broadcast_to(s0, (B,) + s0.shape[-3:]).astype(f32)
+
+
 def chunk_starts(doc_starts_BxM, chunk, n_chunks):
   """[B, n_chunks] int32, 1 where chunk n (rows n*chunk ..) begins a document, from the
   per-DOC_ALIGN-block flags doc_starts_BxM (see doc_first_tokens); chunks past the flags are 0."""

@@ -21,7 +21,7 @@ Implementations (`implementation=`):
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import IMPLEMENTATIONS, check_doc_starts, default_implementation, doc_first_tokens
+from pallas_kernels.common import doc_first_tokens, entry
 from pallas_kernels.wkv6_chunked import wkv6_chunked
 from pallas_kernels.wkv6_pallas import wkv6_pallas
 
@@ -63,13 +63,7 @@ def wkv6(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0, *, doc_starts=No
   not the state the row carries, so s0's gradient sums over every document.
   None: one sequence a row.
   """
-  B, T = r_BxTxHxK.shape[:2]
-  implementation = implementation or default_implementation(T)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown WKV implementation {implementation!r}; choose one of {IMPLEMENTATIONS}')
-  if doc_starts is not None:
-    check_doc_starts(doc_starts, B, T)
-  s0_BxHxVxK = jnp.broadcast_to(s0, (B,) + s0.shape[-3:]).astype(jnp.float32)
+  implementation, s0_BxHxVxK = entry(r_BxTxHxK, s0, doc_starts, implementation)
   if implementation == 'pallas':
     return wkv6_pallas(r_BxTxHxK, k_BxTxHxK, v_BxTxHxV, w_BxTxHxK, u_HxK, s0_BxHxVxK, doc_starts)
   if implementation == 'xla_chunked':

@@ -22,7 +22,7 @@ Implementations (`implementation=`):
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import IMPLEMENTATIONS, check_doc_starts, default_implementation, doc_first_tokens
+from pallas_kernels.common import doc_first_tokens, entry
 from pallas_kernels.wkv7_chunked import wkv7_chunked
 from pallas_kernels.wkv7_pallas import wkv7_pallas
 
@@ -65,13 +65,7 @@ def wkv7(r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK, s0, *
   not the state the row carries, so s0's gradient sums over every document.
   None: one sequence a row.
   """
-  B, T = r_BxTxHxK.shape[:2]
-  implementation = implementation or default_implementation(T)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown WKV implementation {implementation!r}; choose one of {IMPLEMENTATIONS}')
-  if doc_starts is not None:
-    check_doc_starts(doc_starts, B, T)
-  s0_BxHxVxK = jnp.broadcast_to(s0, (B,) + s0.shape[-3:]).astype(jnp.float32)
+  implementation, s0_BxHxVxK = entry(r_BxTxHxK, s0, doc_starts, implementation)
   inputs = (r_BxTxHxK, w_BxTxHxK, k_BxTxHxK, v_BxTxHxV, a_BxTxHxK, b_BxTxHxK)
   if implementation == 'pallas':
     return wkv7_pallas(*inputs, s0_BxHxVxK, doc_starts)

@@ -342,21 +342,26 @@ class InterruptOnce:
     return float(self.loss)
 
 
-def test_an_interrupted_step_is_logged_and_epoch_means_cover_every_session(inputs, run_copy, capsys, monkeypatch):
-  """Resumed at step 4: steps 5 and 6 end epoch 1 (its mean must include step 4, logged before the
-  stop); a Ctrl-C while reading step 7's loss, with step 8 already dispatched, logs both."""
+def interrupting_train_step(step_number: int):
+  """train.make_train_step for a run resumed at STOPPED_AT whose first read of optimizer step
+  `step_number`'s loss is a Ctrl-C."""
   make_train_step = train.make_train_step
 
-  def interrupted_at_step_7(*args, **kwargs):
+  def make(*args, **kwargs):
     step_fn, calls = make_train_step(*args, **kwargs), []
 
     def step(*step_args):
       state, loss = step_fn(*step_args)
       calls.append(1)
-      return state, InterruptOnce(loss) if STOPPED_AT + len(calls) == 7 else loss
+      return state, InterruptOnce(loss) if STOPPED_AT + len(calls) == step_number else loss
     return step
+  return make
 
-  monkeypatch.setattr(train, 'make_train_step', interrupted_at_step_7)
+
+def test_an_interrupted_step_is_logged_and_epoch_means_cover_every_session(inputs, run_copy, capsys, monkeypatch):
+  """Resumed at step 4: steps 5 and 6 end epoch 1 (its mean must include step 4, logged before the
+  stop); a Ctrl-C while reading step 7's loss, with step 8 already dispatched, logs both."""
+  monkeypatch.setattr(train, 'make_train_step', interrupting_train_step(7))
   status, out, err = command(train_state.main, capsys, *inputs, *FLAGS, '--proj_dir', run_copy, '--resume')
   assert status == 130, err
   assert 'compiling the training step...' in out and 'interrupted at step 8' in out
@@ -372,19 +377,8 @@ def test_a_ctrl_c_after_an_epochs_last_step_still_writes_that_epochs_files(input
   """Resumed at step 4, a Ctrl-C while reading step 6's loss (the last step of epoch 1, when no
   step is queued behind it): epoch 1's rwkv-1.pth and log line are written before the exit, and
   the resumed run goes on with epoch 2 and writes epoch 1's line only once."""
-  make_train_step = train.make_train_step
-
-  def interrupted_at_step_6(*args, **kwargs):
-    step_fn, calls = make_train_step(*args, **kwargs), []
-
-    def step(*step_args):
-      state, loss = step_fn(*step_args)
-      calls.append(1)
-      return state, InterruptOnce(loss) if STOPPED_AT + len(calls) == 6 else loss
-    return step
-
   with monkeypatch.context() as patch:
-    patch.setattr(train, 'make_train_step', interrupted_at_step_6)
+    patch.setattr(train, 'make_train_step', interrupting_train_step(6))
     status, out, err = command(train_state.main, capsys, *inputs, *FLAGS, '--proj_dir', run_copy, '--resume')
   assert status == 130 and 'interrupted at step 6' in out, err
   assert (run_copy / 'rwkv-1.pth').exists()

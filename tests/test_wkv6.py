@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.wkv6 import IMPLEMENTATIONS, wkv6, wkv6_reference
+from pallas_kernels import IMPLEMENTATIONS
+from pallas_kernels.wkv6 import wkv6, wkv6_reference
 from pallas_kernels.wkv6_chunked import wkv6_chunked
 from pallas_kernels.wkv6_pallas import Config, wkv6_pallas
 

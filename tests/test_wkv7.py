@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.wkv7 import IMPLEMENTATIONS, default_implementation, wkv7
+from pallas_kernels.common import IMPLEMENTATIONS, default_implementation
+from pallas_kernels.wkv7 import wkv7
 from pallas_kernels.wkv7_chunked import wkv7_chunked
 from pallas_kernels.wkv7_pallas import MIN_LOG_DECAY, Config, wkv7_pallas
 
