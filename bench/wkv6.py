@@ -146,18 +146,17 @@ def sweep(shape, reps, budget_s):
 
 def registers(shape, compute_capability=None):
   """Registers and spills of each Pallas kernel as triton builds it for sm_<compute_capability>
-  (`ptxas -v`; needs triton, not a GPU; see pallas_kernels/triton_builds.py)."""
+  (`ptxas -v`; needs triton, and with jax 0.11 a GPU; see pallas_kernels/triton_builds.py)."""
   from pallas_kernels import triton_builds  # pylint: disable=g-import-not-at-top
   cfg = Config(block_v=16)
   args, _ = make_inputs(*shape)
   loss = lambda *a: sum(jnp.sum(o) for o in wkv6_pallas(
       *a[:5], jnp.broadcast_to(a[5], (shape[0],) + a[5].shape), interpret=False, config=cfg))
-  ir = triton_builds.triton_ir(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *args)
   cc = compute_capability or int(getattr(jax.devices()[0], 'compute_capability', '9.0').replace('.', ''))
-  for name, text in sorted(ir.items()):
-    kernel, log = triton_builds.build(name, text, cc, cc, cfg)
-    print(f'sm_{cc} {name} warps={kernel.metadata.num_warps}:', ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)),
-          f'shared={kernel.metadata.shared}', flush=True)
+  for lowered in sorted(triton_builds.kernels(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)), *args), key=lambda k: k.name):
+    kernel, log = triton_builds.build(lowered, cc, cc)
+    print(f'sm_{cc} {lowered.name} warps={kernel.metadata.num_warps}:',
+          ', '.join(re.findall(r'Used \d+ registers|\d+ bytes spill \w+', log)), f'shared={kernel.metadata.shared}', flush=True)
 
 
 def write_results(out_dirs, name, record):

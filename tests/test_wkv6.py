@@ -235,6 +235,16 @@ def test_gpu_ampere_ada_builds(sm):
   builds differ in the rest.)"""
   pytest.importorskip('triton')
   pytest.importorskip('torch')
-  from pallas_kernels.triton_builds import wkv6_built_for  # pylint: disable=g-import-not-at-top
-  seed, inputs, cotangents, expected = random_case(B=2, T=256, H=4, K=64, dtype='bfloat16', shared_s0=False)
-  assert_close(seed, 'bfloat16', wkv6_built_for(sm, *inputs, *cotangents), expected, f'sm_{sm} build')
+  from pallas_kernels.triton_builds import run_built_for  # pylint: disable=g-import-not-at-top
+  seed, inputs, (dy, dsT), expected = random_case(B=2, T=256, H=4, K=64, dtype='bfloat16', shared_s0=False)
+  args = [jnp.asarray(x, jnp.bfloat16) for x in inputs[:3]] + [jnp.asarray(x) for x in inputs[3:]]
+
+  def fwd_bwd(*args):
+    out, vjp = jax.vjp(functools.partial(wkv6_pallas, interpret=False), *args)
+    return out + vjp((jnp.asarray(dy, jnp.bfloat16), jnp.asarray(dsT)))
+
+  outs, launched = run_built_for(sm, fwd_bwd, *args)
+  chunk_kernels = ('wkv6_out_fwd', 'wkv6_dv', 'wkv6_dr_dk_dw')  # each a call for one-dot chunks and one (_wide) for the rest
+  every_kernel = ('wkv6_state_fwd', 'wkv6_state_bwd', *chunk_kernels, *(k + '_wide' for k in chunk_kernels))
+  assert sorted(launched) == sorted(every_kernel), launched  # all built for sm, none left to XLA
+  assert_close(seed, 'bfloat16', outs, expected, f'sm_{sm} build')
