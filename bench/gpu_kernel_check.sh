@@ -13,12 +13,7 @@ status=0
 # fla (the peer) comes as wheels carried in .whl/ (see bench/gpu_train_step.sh).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-# fla's Triton autotuning takes ~200 s per shape on a fresh machine. Its results (a few KB of
-# JSON, valid for this card and these triton/fla versions) come back as "$OUT/triton_autotune.tgz";
-# unpack them into bench/.triton_autotune (ignored by git) and carry that folder to skip it next time.
-export TRITON_CACHE_DIR=/tmp/triton_cache
-mkdir -p "$TRITON_CACHE_DIR"
-[[ -d bench/.triton_autotune ]] && cp -r bench/.triton_autotune/. "$TRITON_CACHE_DIR"/
+source bench/autotune_cache.sh  # fla's Triton autotuning results, kept between calls
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
@@ -27,7 +22,7 @@ timeout 170 python3 -m pytest -m gpu tests/test_wkv6.py -x -q -rA 2>&1 | tee "$O
 sweep=(); [[ "${SWEEP:-1}" == 1 ]] && sweep=(--sweep)
 timeout 250 python3 bench/wkv6.py --out "$OUT" bench/results "${sweep[@]}" 2>&1 | tee "$OUT/bench.log" || status=1
 
-(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -)
+save_autotune
 
 if [[ "${REGS:-1}" == 1 ]]; then
   timeout 60 python3 bench/wkv6.py --registers 2>&1 | tee "$OUT/registers.txt" || status=1

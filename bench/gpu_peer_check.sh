@@ -27,9 +27,7 @@ export PYTHONPATH=/tmp/site:$PWD:/tmp/peer_site
 # torch's extension loader needs CUDA_HOME; its own guess (the parent of nvcc's folder) misses the
 # toolkit where nvcc is a wrapper script, so ask nvcc where it runs from.
 [[ -z "${CUDA_HOME:-}" ]] && export CUDA_HOME="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's|^#\$ _HERE_=\(.*\)/bin$|\1|p')"
-export TRITON_CACHE_DIR=/tmp/triton_cache
-mkdir -p "$TRITON_CACHE_DIR"
-[[ -d bench/.triton_autotune ]] && cp -r bench/.triton_autotune/. "$TRITON_CACHE_DIR"/
+source bench/autotune_cache.sh  # fla's Triton autotuning results, kept between calls
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 echo "CUDA_HOME=${CUDA_HOME:-unset} nvcc: $(nvcc --version 2>&1 | tail -1)" | tee -a "$OUT/gpu.txt"
@@ -47,5 +45,5 @@ for op in ${OPS:-cuda}; do
   run "x070-L24C2048-512x8-cp1-$op" --version x070 --n_layer 24 --n_embd 2048 --ctx_len 512 --micro_bsz 8 --grad_cp 1 --op "$op"
 done
 
-(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -)
+save_autotune
 exit $status

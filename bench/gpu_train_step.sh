@@ -27,13 +27,8 @@ export PYTHONPATH=/tmp/site:$PWD:/tmp/peer_site
 [[ -z "${CUDA_HOME:-}" ]] && export CUDA_HOME="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's|^#\$ _HERE_=\(.*\)/bin$|\1|p')"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # peak_bytes_in_use must be the step's own, not a pool
 export TF_CPP_MIN_LOG_LEVEL=2
-# fla's Triton autotuning takes ~200 s per shape on a fresh machine. Its results (a few KB of
-# JSON, valid for this card and these triton/fla versions) come back as "$OUT/triton_autotune.tgz";
-# unpack them into bench/.triton_autotune (ignored by git) and carry that folder to skip it next time.
-export TRITON_CACHE_DIR=/tmp/triton_cache
-mkdir -p "$TRITON_CACHE_DIR"
-[[ -d bench/.triton_autotune ]] && cp -r bench/.triton_autotune/. "$TRITON_CACHE_DIR"/
+source bench/autotune_cache.sh  # fla's Triton autotuning results, kept between calls
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 timeout 570 python3 bench/train_step.py --out "$OUT" bench/results "$@" 2>&1 | tee "$OUT/train_step.log"
-(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -)
+save_autotune

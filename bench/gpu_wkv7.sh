@@ -14,10 +14,7 @@ mkdir -p "$OUT"
 status=0
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
-# fla's Triton autotuning results are kept as in bench/gpu_kernel_check.sh (bench/.triton_autotune).
-export TRITON_CACHE_DIR=/tmp/triton_cache
-mkdir -p "$TRITON_CACHE_DIR"
-[[ -d bench/.triton_autotune ]] && cp -r bench/.triton_autotune/. "$TRITON_CACHE_DIR"/
+source bench/autotune_cache.sh  # fla's Triton autotuning results, kept between calls
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
@@ -25,5 +22,5 @@ timeout 150 python3 -m pytest -m gpu tests/test_wkv7.py -x -q -rA 2>&1 | tee "$O
 
 timeout 320 python3 bench/wkv7.py --out "$OUT" bench/results --peft_repo "$PEFT" 2>&1 | tee "$OUT/bench.log" || status=1
 
-(cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton_autotune.tgz" -T -)
+save_autotune
 exit $status
