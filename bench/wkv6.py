@@ -6,7 +6,7 @@ state; gradients of all six inputs. fla's chunk_rwkv6 gets the same tensors
 (w as a bf16 log decay -exp(w) leaf, its state key-major, scale 1.0).
 
   python bench/wkv6.py [--out DIR ...] [--sweep]
-  python bench/wkv6.py --registers [SM ...]   # needs triton, not a GPU
+  python bench/wkv6.py --registers [SM ...]   # needs triton (and with jax 0.11, a GPU)
 
 Writes wkv6_<card>_<date>.json and .md into each --out directory (default
 bench/results) and prints the table. --sweep also times pallas tilings at each
