@@ -61,17 +61,16 @@ def lower(eqn) -> Lowered:
 
 def kernels(fn, *args) -> list[Lowered]:
   """Every Pallas kernel of jax.jit(fn)(*args), lowered for CUDA, in program order."""
-  found = []
+  return [lower(eqn) for eqn in pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr)]
 
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'pallas_call':
-        found.append(lower(eqn))
-      for sub in subjaxprs(eqn):
-        walk(sub)
 
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+def pallas_calls(jaxpr):
+  """The pallas_call equations of jaxpr and of the jaxprs inside it, in program order."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      yield eqn
+    for sub in subjaxprs(eqn):
+      yield from pallas_calls(sub)
 
 
 def subjaxprs(eqn):
@@ -121,11 +120,12 @@ def run_built_for(build_sm, fn, *args):
     for eqn in jaxpr.eqns:
       values = [read(var) for var in eqn.invars]
       if eqn.primitive.name == 'pallas_call':
-        outs = launch(eqn, values, build_sm, run_sm)
-        launched.append(eqn.params['jaxpr'].debug_info.func_name)
+        kernel = lower(eqn)
+        outs = launch(eqn, build(kernel, build_sm, run_sm)[0], kernel.grid, values)
+        launched.append(kernel.name)
       elif eqn.primitive.name == 'jit':
         outs = evaluate(eqn.params['jaxpr'].jaxpr, eqn.params['jaxpr'].consts, values)
-      elif any(has_kernels(sub) for sub in subjaxprs(eqn)):
+      elif any(next(pallas_calls(sub), None) for sub in subjaxprs(eqn)):
         raise NotImplementedError(f'a pallas_call inside {eqn.primitive.name}: only jit bodies are walked')
       else:
         outs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
@@ -137,11 +137,9 @@ def run_built_for(build_sm, fn, *args):
   return jax.tree.unflatten(jax.tree.structure(out_shape), outs), launched
 
 
-def launch(eqn, inputs, build_sm, run_sm):
-  """The pallas_call `eqn` on `inputs` (JAX arrays on this GPU), built for sm_<build_sm>."""
+def launch(eqn, compiled, grid, inputs):
+  """The pallas_call `eqn` on `inputs` (JAX arrays on this GPU) as `compiled`, a triton build of it."""
   import torch  # pylint: disable=g-import-not-at-top
-  kernel = lower(eqn)
-  compiled, _ = build(kernel, build_sm, run_sm)
   jax.block_until_ready(inputs)
   # A Pallas Triton kernel takes its inputs, then its outputs; an aliased output is its input's
   # buffer, here a copy (JAX arrays are immutable).
@@ -153,7 +151,7 @@ def launch(eqn, inputs, build_sm, run_sm):
   for o, var in enumerate(eqn.outvars):
     if outs[o] is None:
       outs[o] = torch.empty(var.aval.shape, dtype=getattr(torch, np.dtype(var.aval.dtype).name), device='cuda')
-  compiled[kernel.grid](*ins, *outs)
+  compiled[grid](*ins, *outs)
   torch.cuda.synchronize()
   return [to_jax(o) for o in outs]
 
@@ -172,8 +170,3 @@ def to_jax(t):
   if t.dtype == torch.bfloat16:
     return lax.bitcast_convert_type(jax.dlpack.from_dlpack(t.view(torch.int16)), jnp.bfloat16)
   return jax.dlpack.from_dlpack(t)
-
-
-def has_kernels(jaxpr) -> bool:
-  return any(eqn.primitive.name == 'pallas_call' or any(has_kernels(sub) for sub in subjaxprs(eqn))
-             for eqn in jaxpr.eqns)
