@@ -6,12 +6,15 @@
 # imports as rwkvfla (.peer/wheels). rwkv-fla also ships a copy of fla under the name fla: it is
 # installed apart and that copy deleted, so `import fla` stays 0.6.0.
 # train_step.py stops starting configurations after --budget_s (450 s by default; 7B int8/nf4
-# come last and are the first to be skipped) and spreads them over every visible GPU. The whole
-# table is one call of at most 10 minutes on two H200s (nvidia-h200-x2); on one H200 the 1.6B
-# configurations take ~340 s and the 3B/7B ones ~360 s (mostly compiles), so there it is two:
-#   ... --configs '^1.6B' --budget_s 510, then --configs '^(7B|3B)' --budget_s 520
-# (timed before the RWKV-PEFT peer, whose CUDA builds and fla autotuning add minutes: see
-# bench/gpu_peer_check.sh for one peer configuration at a time).
+# come last and are the first to be skipped) and spreads them over every visible GPU. On one H100
+# (session 19, with both peer ops) a rwkv-jax row takes ~35-50 s (mostly its compile), a peer row
+# ~20-40 s once its CUDA kernel is built, rwkv-fla's first x070 row ~175 s (its autotuning; carry
+# bench/.triton_autotune to skip it), and RWKV-PEFT's x060 --op fla crashes in ~30 s and is then
+# not started again for x060. So the RWKV-6 table is two calls, the second repeating the first's
+# baseline row, and RWKV-7 a third:
+#   ... --configs '^1.6B' --budget_s 510
+#   ... --configs '^(7B|3B)|^1.6B-1024x1-cp1-none$' --budget_s 520
+#   ... --configs '^x070' --budget_s 520
 # Results: train_step_<card>_<date>.{json,md} in "$OUT" and bench/results; log in "$OUT".
 set -uo pipefail
 cd "$(dirname "$0")/.."
