@@ -3,7 +3,8 @@
 #   bash bench/gpu_profile.sh ["profile_step.py flags" ...]   e.g. "--model 7B" "--ctx_len 512 --micro_bsz 8"
 #   1. bench/profile_step.py for each quoted set of flags (default: the 1.6B step in bf16 and
 #      nf4): memory accounting, XLA's memory-usage report of the step, GPU kernel time by kernel
-#   2. the same kernel-time profile of WKV-6 forward+backward alone at (1,1024,32,64)
+#   2. the same kernel-time profile of the WKV kernels alone: WKV-6 at (1,1024,32,64), WKV-7 at
+#      (1,1024,32,64) and (8,512,32,64)
 #   3. bench/wkv6.py's configuration sweep (time and error) at the first two shapes
 # Everything lands in "$OUT": profile.log, memory_*.txt, wkv6.log.
 set -uo pipefail
@@ -18,7 +19,10 @@ for flags in "$@"; do
   # shellcheck disable=SC2086  # each argument is a set of flags
   timeout 150 python3 bench/profile_step.py $flags --dump --out "$OUT" > /dev/null
 done
-timeout 90 python3 bench/profile_step.py --wkv 1,1024,32,64 --out /tmp/profile_wkv > /dev/null
+for wkv in "6 1,1024,32,64" "7 1,1024,32,64" "7 8,512,32,64"; do
+  set -- $wkv
+  timeout 90 python3 bench/profile_step.py --wkv_version "$1" --wkv "$2" --out /tmp/profile_wkv > /dev/null
+done
 cat "$OUT"/profile_*.txt /tmp/profile_wkv/profile_*.txt >> "$OUT/profile.log"
 rm -f "$OUT"/profile_*.txt
 timeout "${SWEEP_S:-200}" python3 bench/wkv6.py --impls pallas --shapes 1,1024,32,64 8,512,32,64 \

@@ -1,7 +1,7 @@
 """Where a state-tuning step's time and memory go, on one GPU.
 
   python bench/profile_step.py [--model 1.6B --ctx_len 1024 --micro_bsz 1 --grad_cp 1 --quant none]
-                               [--implementation pallas] [--wkv B,T,H,K] [--out DIR]
+                               [--implementation pallas] [--wkv B,T,H,K [--wkv_version 7]] [--out DIR]
 
 Memory: the compiled step's own accounting (arguments, temporaries, outputs),
 bytes in use once the weights exist, and the process peak after the timed steps
@@ -10,7 +10,8 @@ are drawn, so compile-time scratch never sits on top of them.
 
 Time: a jax.profiler trace of a few steps, GPU kernel time summed by kernel name
 (stream events only), with the share of the step each takes. --wkv profiles the
-WKV-6 forward+backward alone at one shape instead of a whole step.
+WKV-6 (or, with --wkv_version 7, WKV-7) forward and forward+backward alone at one
+shape instead of a whole step.
 
 Writes profile_<what>.txt (and the trace) into --out.
 """
@@ -36,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'bench'))
 import train_step  # pylint: disable=g-import-not-at-top
 import wkv6 as wkv6_bench  # pylint: disable=g-import-not-at-top
+import wkv7 as wkv7_bench  # pylint: disable=g-import-not-at-top
 from rwkv_jax import quant, train  # pylint: disable=g-import-not-at-top
 
 GB = 1e9
@@ -130,9 +132,13 @@ def profile_step(args, trace_dir) -> list[str]:
 def profile_wkv(args, trace_dir) -> list[str]:
   shape = tuple(int(x) for x in args.wkv.split(','))
   impl = args.implementation or 'pallas'
-  fwd, grad = wkv6_bench.jax_fns(lambda *a: wkv6_bench.wkv6(*a, implementation=impl))
-  primals, cotangents = wkv6_bench.make_inputs(*shape)
-  lines = [f'WKV-6 {impl} at (B,T,H,K) = {shape}']
+  if args.wkv_version == 7:  # the inputs and calls of bench/wkv7.py
+    primals, cotangents = wkv7_bench.jax_args(*wkv7_bench.make_inputs(*shape)[1:])
+    fwd, grad = wkv7_bench.jax_fns(impl)
+  else:
+    fwd, grad = wkv6_bench.jax_fns(lambda *a: wkv6_bench.wkv6(*a, implementation=impl))
+    primals, cotangents = wkv6_bench.make_inputs(*shape)
+  lines = [f'WKV-{args.wkv_version} {impl} at (B,T,H,K) = {shape}']
   for name, fn, fn_args in (('forward', fwd, primals), ('forward+backward', grad, (primals, cotangents))):
     rows, total = profile(fn, fn_args, 10, f'{trace_dir}_{len(lines)}')
     lines += [name] + table(rows, total, wall_ms(fn, fn_args, 20), top=15)
@@ -147,7 +153,8 @@ def main():
   p.add_argument('--grad_cp', type=int, default=1)
   p.add_argument('--quant', default='none', choices=('none', 'int8', 'nf4'))
   p.add_argument('--implementation', help='WKV implementation (default: the platform default)')
-  p.add_argument('--wkv', help='profile WKV-6 fwd+bwd alone at B,T,H,K instead of a step')
+  p.add_argument('--wkv', help='profile WKV fwd+bwd alone at B,T,H,K instead of a step')
+  p.add_argument('--wkv_version', type=int, choices=(6, 7), default=6, help='which WKV --wkv profiles')
   p.add_argument('--out', default='.', help='directory for profile_*.txt')
   p.add_argument('--dump', action='store_true', help="also copy XLA's memory-usage report of the step into --out")
   p.add_argument('--tag', default='', help='appended to the output file names')
@@ -157,7 +164,7 @@ def main():
   if args.dump:  # read when the backend starts, i.e. at the first jax call below
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_dump_to={dump_dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step')
-  what = f'wkv_{args.wkv.replace(",", "x")}' if args.wkv else \
+  what = f'wkv{args.wkv_version}_{args.wkv.replace(",", "x")}' if args.wkv else \
       f'{args.model}-{args.ctx_len}x{args.micro_bsz}-cp{args.grad_cp}-{args.quant}'
   what += args.tag
   trace_dir = tempfile.mkdtemp()

@@ -62,13 +62,13 @@ def log_decay(z):
   return (-W_SCALE / (1 + np.exp(-z.astype(np.float64)))).astype(np.float32)
 
 
-def _jax_args(inputs, cts):
+def jax_args(inputs, cts):
   r, w, k, v, a, b, s0 = inputs
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)
   return (bf(r), jnp.asarray(w), bf(k), bf(v), bf(a), bf(b), jnp.asarray(s0)), (bf(cts[0]), jnp.asarray(cts[1]))
 
 
-def _jax_fns(impl):
+def jax_fns(impl):
   op = functools.partial(wkv7, implementation=impl)
 
   def fwd_bwd(args, cts):
@@ -80,15 +80,15 @@ def _jax_fns(impl):
 
 
 def bench_jax(impl, shape, reps):
-  args, cts = _jax_args(*make_inputs(*shape)[1:])
-  fwd, fwd_bwd = _jax_fns(impl)
+  args, cts = jax_args(*make_inputs(*shape)[1:])
+  fwd, fwd_bwd = jax_fns(impl)
   return report.time_jax(fwd, args, reps), report.time_jax(fwd_bwd, (args, cts), reps)
 
 
 def error_jax(impl):
   """Outputs and gradients of impl at ERROR_SHAPE, as numpy fp64, in NAMES order."""
-  args, cts = _jax_args(*make_inputs(*ERROR_SHAPE)[1:])
-  return [np.asarray(x, np.float64) for x in jax.tree.leaves(_jax_fns(impl)[1](args, cts))]
+  args, cts = jax_args(*make_inputs(*ERROR_SHAPE)[1:])
+  return [np.asarray(x, np.float64) for x in jax.tree.leaves(jax_fns(impl)[1](args, cts))]
 
 
 def reference(for_cuda=False):
@@ -98,7 +98,7 @@ def reference(for_cuda=False):
   if for_cuda:
     inputs, dsT = (inputs[0], log_decay(z)) + inputs[2:], np.zeros_like(dsT)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  out = _jax_fns('scan')[1](tuple(map(f32, inputs)), (f32(dy), f32(dsT)))
+  out = jax_fns('scan')[1](tuple(map(f32, inputs)), (f32(dy), f32(dsT)))
   return [np.asarray(x, np.float64) for x in jax.tree.leaves(out)]
 
 
