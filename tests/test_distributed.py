@@ -134,13 +134,21 @@ def test_two_processes_train_the_state_of_one(write_checkpoint, tmp_path):
     assert node.returncode == 0, stderr
   assert one.returncode == 0, one.stderr
   assert 'steps of' not in outputs[1][0] and 'steps of 4 x 24 tokens' in outputs[0][0]  # process 0 speaks for the run
-  steps = [json.loads(line)['step'] for line in (tmp_path / 'cluster' / 'loss_data.jsonl').read_text().splitlines()]
-  assert steps == [1, 2, 3, 4]
+  logs = {name: [json.loads(line) for line in (tmp_path / name / 'loss_data.jsonl').read_text().splitlines()]
+          for name in ('cluster', 'one')}
+  assert [entry['step'] for entry in logs['cluster']] == [1, 2, 3, 4]
   two_hosts, one_host = (state_io.read_state(tmp_path / name / 'checkpoint') for name in ('cluster', 'one'))
   assert rms(one_host) > 0.1
-  # The gradient is summed over 4 devices in another order: fp32 rounding, which Adam can scale up
-  # on entries whose gradient is near zero (as in test_train's --devices test): the relative RMS.
-  assert rms(two_hosts - one_host) / rms(one_host) < 1e-4, rms(two_hosts - one_host) / rms(one_host)
+  # The gradient is summed over 4 devices in another order than one device sums its batch: fp32
+  # rounding. The step losses show it: over 16 fresh draws of the data they differed by at most
+  # 4.8e-6 relative, where a token lost or counted twice would move them by ~1e-2.
+  np.testing.assert_allclose([e['loss'] for e in logs['cluster']], [e['loss'] for e in logs['one']], rtol=1e-4)
+  # The states amplify it: Adam moves an entry by about a full step whatever the size of its
+  # gradient, so an entry whose gradient is at rounding level can step either way, and the later
+  # gradients follow it a little. Over the same 16 draws the relative RMS was 4.8e-6 to 4.6e-4
+  # (3 above 1e-4, this test's earlier bound, which made it fail a run in five); a host on the wrong
+  # share of the batch, or without the others' gradients, moves it by order 1.
+  assert rms(two_hosts - one_host) / rms(one_host) < 1e-2, rms(two_hosts - one_host) / rms(one_host)
 
 
 def test_bad_cluster_flags_end_in_one_line(write_checkpoint, tmp_path, capsys, monkeypatch):
