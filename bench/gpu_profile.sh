@@ -20,8 +20,8 @@ for flags in "$@"; do
   timeout 150 python3 bench/profile_step.py $flags --dump --out "$OUT" > /dev/null
 done
 for wkv in "6 1,1024,32,64" "7 1,1024,32,64" "7 8,512,32,64"; do
-  set -- $wkv
-  timeout 90 python3 bench/profile_step.py --wkv_version "$1" --wkv "$2" --out /tmp/profile_wkv > /dev/null
+  read -r version shape <<< "$wkv"
+  timeout 90 python3 bench/profile_step.py --wkv_version "$version" --wkv "$shape" --out /tmp/profile_wkv > /dev/null
 done
 cat "$OUT"/profile_*.txt /tmp/profile_wkv/profile_*.txt >> "$OUT/profile.log"
 rm -f "$OUT"/profile_*.txt

@@ -6,12 +6,10 @@
 # imports as rwkvfla (.peer/wheels). rwkv-fla also ships a copy of fla under the name fla: it is
 # installed apart and that copy deleted, so `import fla` stays 0.6.0.
 # train_step.py stops starting configurations after --budget_s (450 s by default; 7B int8/nf4
-# come last and are the first to be skipped) and spreads them over every visible GPU. On one H100
-# (session 19, with both peer ops) a rwkv-jax row takes ~35-50 s (mostly its compile), a peer row
-# ~20-40 s once its CUDA kernel is built, rwkv-fla's first x070 row ~175 s (its autotuning; carry
-# bench/.triton_autotune to skip it), and RWKV-PEFT's x060 --op fla crashes in ~30 s and is then
-# not started again for x060. So the RWKV-6 table is two calls, the second repeating the first's
-# baseline row, and RWKV-7 a third:
+# come last and are the first to be skipped) and spreads them over every visible GPU. On one GPU
+# the RWKV-6 table does not fit one 10-minute call with both peer ops (row times: docs/performance.md,
+# "Compile time"): it is two calls, the second repeating the first's baseline row, and RWKV-7 a third
+# (carry bench/.triton_autotune so that rwkv-fla does not autotune again):
 #   ... --configs '^1.6B' --budget_s 510
 #   ... --configs '^(7B|3B)|^1.6B-1024x1-cp1-none$' --budget_s 520
 #   ... --configs '^x070' --budget_s 520

@@ -247,8 +247,8 @@ def check_packed_equals_padded(version, implementation):
     block.att.time_state.set_value(jnp.asarray(rng.normal(0, 0.5, block.att.time_state.shape), jnp.float32))
   ctx_len = 80  # two and a half alignment blocks
   # Documents of 1 to 50 tokens, two of them short enough (targets within one alignment block) that
-  # some row must hold two documents, and one longer than a row (cut as pad cuts it). Drawn from 1 to
-  # 50 alone, no row held two in 1.6% of the draws.
+  # some row must hold two documents (drawn from 1 to 50 alone, none did in 1.6% of the draws), and
+  # one longer than a row (cut as pad cuts it).
   lengths = [*rng.integers(1, 50, 3), *rng.integers(2, DOC_ALIGN + 2, 2), 100]
   token_data = random_token_data(rng, rng.permutation(lengths), cfg.vocab_size)
   (pad_in, pad_tgt, _), _ = whole_epoch(token_data, ctx_len, 'pad')
