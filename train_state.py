@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
   add('--beta2', type=float, default=0.99, help='Adam beta2')
   add('--adam_eps', type=float, default=1e-8, help='Adam epsilon')
   add('--precision', choices=tuple(DTYPES), default='bf16', help='compute dtype of the weights')
-  add('--grad_cp', type=int, choices=(0, 1), default=1, help='1: recompute each layer in the backward pass')
+  add('--grad_cp', type=int, choices=(0, 1), default=1, help='1: recompute most of each layer in the backward pass')
   add('--dataload', choices=data.DATALOADS, default='pad',
       help='pad: one document per sample; pack: documents back to back, each from the tuned state; get: random windows')
   add('--loss_mask', choices=data.LOSS_MASKS, default='none', help='qa: loss only on the assistant answers')

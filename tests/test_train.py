@@ -61,6 +61,21 @@ def test_loss_falls_and_only_the_state_changes():
   assert np.abs(train.wkv_array(state.states)).max() > 0.1
 
 
+
+def test_grad_cp_keeps_the_wkv_output_and_ffn_value_and_the_same_gradient(capsys):
+  """grad_cp's remat keeps what models.common.REMAT_POLICY names (x060: each layer's WKV output and
+  channel-mix value product) instead of recomputing them, and the state gradient is the one without remat."""
+  cfg = synthetic.TINY
+  graphdef, states, weights = train.split(random_model(cfg, seed=4))
+  tokens = np.random.default_rng().integers(0, cfg.vocab_size, (2, 33)).astype(np.int32)
+  loss = lambda states, remat: train.loss_fn(states, graphdef, weights, tokens[:, :-1], tokens[:, 1:], remat)
+  jax.ad_checkpoint.print_saved_residuals(lambda s: loss(s, True), states)
+  saved = capsys.readouterr().out
+  assert saved.count('(TimeMix.__call__)') == saved.count('(ChannelMix.__call__)') == cfg.n_layer, saved
+  with_remat, without = (jax.grad(loss)(states, remat) for remat in (True, False))
+  # The same fp32 operations either way; XLA may fuse them differently, a few ulps.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), with_remat, without)
+
 def test_the_optimizer_moves_only_wkv_states_whatever_it_is_given():
   """The partition is by Variable type: handed the whole model's state, Adam moves the WKV states
   and set_to_zero holds every weight."""

@@ -19,6 +19,12 @@ from rwkv_jax import quant
 LN_EPS = 1e-5
 GN_EPS = 64e-5  # GroupNorm eps of x052/x060/x070: 1e-5 * head_size_divisor**2 (divisor 8).
 
+# Under remat (grad_cp) a block keeps its input and these activations, tagged with
+# jax.ad_checkpoint.checkpoint_name where a generation forms them, and recomputes the rest: each
+# spares the backward pass a large piece of recomputation for B*T*C values (x060's WKV output:
+# the WKV forward kernel; its channel mix's value product: the block's largest matrix product).
+REMAT_POLICY = jax.checkpoint_policies.save_only_these_names('wkv_out', 'ffn_value')
+
 
 class WKVState(nnx.Variable):
   """A layer's trainable initial WKV state [H, V, K] fp32 (value-major, as every `.pth` state file).

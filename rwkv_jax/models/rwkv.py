@@ -5,10 +5,10 @@ embedding -> ln0 -> blocks -> ln_out -> head. The blocks are the generation's
 config's version, which is read from the checkpoint's keys.
 
 Layers are a Python loop over per-layer modules, each block one remat (grad_cp)
-unit: a `lax.scan` over weights stacked on a layer axis would compile in time
-flat in depth, but XLA copies each layer's slice of every weight out of the
-stack before its matrix products; unrolled, the products read the weights in
-place (docs/performance.md has the measurements).
+unit that keeps what common.REMAT_POLICY names: a `lax.scan` over weights stacked
+on a layer axis would compile in time flat in depth, but XLA copies each layer's
+slice of every weight out of the stack before its matrix products; unrolled, the
+products read the weights in place (docs/performance.md has the measurements).
 
 Variables: the weights are `nnx.Param` (frozen in state tuning); each block's
 initial WKV state is a `WKVState` (what state tuning trains), zeros or a merged
@@ -130,9 +130,9 @@ class RWKV(nnx.Module):
 
 
 def _run_block(block, x_BxTxC, layer_state, carry, implementation, remat, doc_starts_BxM, run_block):
-  """One block; under remat (grad_cp) its activations are recomputed in the backward pass. The
-  block's WKV states are split from its weights: `run_block` (see hidden_states) gathers only
-  the weights."""
+  """One block; under remat (grad_cp) the backward pass recomputes its activations but those
+  common.REMAT_POLICY keeps. The block's WKV states are split from its weights: `run_block` (see
+  hidden_states) gathers only the weights."""
   if not remat and run_block is None:
     return block(x_BxTxC, layer_state, carry, implementation, doc_starts_BxM)
   graphdef, states, weights = nnx.split(block, WKVState, ...)
@@ -142,7 +142,8 @@ def _run_block(block, x_BxTxC, layer_state, carry, implementation, remat, doc_st
 
   if run_block is not None:
     return run_block(apply, states, weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
-  return jax.checkpoint(apply)(states, weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
+  remat_apply = jax.checkpoint(apply, policy=common.REMAT_POLICY)
+  return remat_apply(states, weights, x_BxTxC, layer_state, carry, doc_starts_BxM)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import wkv6
 from rwkv_jax.models.common import Block, LayerNorm, Linear, WKVState, dot, f32, group_norm, token_shift
@@ -110,6 +111,7 @@ class TimeMix(nnx.Module):
     w = (f32(self.time_decay[...]) + dot(jnp.tanh(dot(xw, self.time_decay_w1)), self.time_decay_w2)).reshape(B, T, H, N)
     y_BxTxHxN, wkv_state = wkv6(r, k, v, w, f32(self.time_faaaa[...]), wkv_state, doc_starts=doc_starts_BxM,
                                 implementation=implementation)
+    y_BxTxHxN = checkpoint_name(y_BxTxHxN, 'wkv_out')  # kept under remat: common.REMAT_POLICY
     return self.output(group_norm(y_BxTxHxN, self.ln_x) * g), f32(x_BxTxC[:, -1]), wkv_state, carry
 
 
@@ -126,7 +128,7 @@ class ChannelMix(nnx.Module):
     xr = x_BxTxC + xx * act(self.time_maa_r[...])
     k = jnp.square(jax.nn.relu(act(self.key(xk))))
     r = jax.nn.sigmoid(act(self.receptance(xr)))
-    return r * act(self.value(k)), f32(x_BxTxC[:, -1])
+    return r * checkpoint_name(act(self.value(k)), 'ffn_value'), f32(x_BxTxC[:, -1])
 
 
 def block(cfg, p: dict, layer: int) -> Block:
