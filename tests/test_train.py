@@ -61,7 +61,6 @@ def test_loss_falls_and_only_the_state_changes():
   assert np.abs(train.wkv_array(state.states)).max() > 0.1
 
 
-
 def test_grad_cp_keeps_the_wkv_output_and_ffn_value_and_the_same_gradient(capsys):
   """grad_cp's remat keeps what models.common.REMAT_POLICY names (x060: each layer's WKV output and
   channel-mix value product) instead of recomputing them, and the state gradient is the one without remat."""
@@ -73,8 +72,10 @@ def test_grad_cp_keeps_the_wkv_output_and_ffn_value_and_the_same_gradient(capsys
   saved = capsys.readouterr().out
   assert saved.count('(TimeMix.__call__)') == saved.count('(ChannelMix.__call__)') == cfg.n_layer, saved
   with_remat, without = (jax.grad(loss)(states, remat) for remat in (True, False))
-  # The same fp32 operations either way; XLA may fuse them differently, a few ulps.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), with_remat, without)
+  # The same fp32 operations either way: bit-identical on the CPU in 4 of 4 draws. 1e-6 leaves room for
+  # another fusion order, far below what a term lost or counted twice in the backward would change.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=0), with_remat, without)
+
 
 def test_the_optimizer_moves_only_wkv_states_whatever_it_is_given():
   """The partition is by Variable type: handed the whole model's state, Adam moves the WKV states
