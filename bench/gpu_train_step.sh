@@ -10,8 +10,9 @@
 # the RWKV-6 table does not fit one 10-minute call with both peer ops (row times: docs/performance.md,
 # "Compile time"): it is two calls, the second repeating the first's baseline row, and RWKV-7 a third
 # (carry bench/.triton_autotune so that rwkv-fla does not autotune again):
-#   ... --configs '^1.6B' --budget_s 510
-#   ... --configs '^(7B|3B)|^1.6B-1024x1-cp1-none$' --budget_s 520
+#   ... --configs '^1.6B' --budget_s 500
+#   ... --configs '^(7B|3B)|^1.6B-1024x1-cp1-none$' --budget_s 470 --peer_ops cuda
+#       (RWKV-PEFT's x060 --op fla crashes, docs/performance.md section 0: the first call shows it)
 #   ... --configs '^x070' --budget_s 520
 # Results: train_step_<card>_<date>.{json,md} in "$OUT" and bench/results; log in "$OUT".
 set -uo pipefail
